@@ -1,0 +1,42 @@
+//! The one error type of the domain: a value that breaks a rule.
+
+use crate::SandboxState;
+
+/// Why a domain value was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// A field's value breaks its rule.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The field, as named in the API (`resources.vcpu`, `template`).
+        field: &'static str,
+        /// What is wrong with it, safe to show to API clients.
+        reason: String,
+    },
+    /// A sandbox state change that the lifecycle does not allow.
+    #[error("sandbox cannot go from {from} to {to}")]
+    InvalidTransition {
+        /// The current state.
+        from: SandboxState,
+        /// The refused next state.
+        to: SandboxState,
+    },
+}
+
+impl CoreError {
+    /// Builds an [`CoreError::Invalid`].
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// The field that was rejected, if the error is about one field.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Self::Invalid { field, .. } => Some(field),
+            Self::InvalidTransition { .. } => None,
+        }
+    }
+}
