@@ -130,14 +130,6 @@ impl Encoder<Frame> for FrameCodec {
     }
 }
 
-impl Encoder<&Frame> for FrameCodec {
-    type Error = CodecError;
-
-    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
-        encode_into(frame, dst)
-    }
-}
-
 /// Appends one encoded frame to `dst`.
 pub fn encode_into(frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
     let len = frame.encoded_len();
@@ -226,7 +218,11 @@ mod tests {
                 max: MAX_FRAME_LEN
             })]
         );
-        assert!(buf.capacity() < 1 << 20, "decoder reserved {}", buf.capacity());
+        assert!(
+            buf.capacity() < 1 << 20,
+            "decoder reserved {}",
+            buf.capacity()
+        );
     }
 
     #[test]
@@ -251,7 +247,10 @@ mod tests {
         let mut codec = FrameCodec::new();
         let items = decode_all(&mut codec, &mut buf);
         assert!(matches!(items[0], Err(FrameError::BadMagic { .. })));
-        assert_eq!(items.last().and_then(|r| r.as_ref().ok()), Some(&data_frame(1, b"x")));
+        assert_eq!(
+            items.last().and_then(|r| r.as_ref().ok()),
+            Some(&data_frame(1, b"x"))
+        );
     }
 
     #[test]
