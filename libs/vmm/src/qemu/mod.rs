@@ -1,0 +1,408 @@
+//! QEMU `-M microvm` backend.
+//!
+//! The guest boots straight into the PVH entry of an uncompressed kernel with virtio-mmio
+//! devices only: a virtio-blk root disk, a virtio-serial port for the agent, virtio-rng,
+//! the serial console on QEMU's stdout, and QMP for control. Both control sockets are
+//! bound by this process and handed to QEMU as listening descriptors, so they exist before
+//! QEMU starts (no waiting for a path to appear) and stay reachable by path for a host
+//! process that re-attaches later.
+
+mod args;
+mod qmp;
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::sync::{mpsc, oneshot, watch, OnceCell};
+
+pub use args::{build_args, kernel_cmdline, PassedFds, QemuConfig};
+pub use qmp::Qmp;
+
+use crate::backend::{AgentEndpoint, BackendKind, Capabilities, ExitInfo, Vm, VmBackend, VmState};
+use crate::{detect_accel, Accel, ConsoleLog, VmSpec, VmmError};
+
+const STDERR_LIMIT: usize = 16 * 1024;
+
+/// The QEMU backend. Cheap to share; the accelerator is detected once, on first launch.
+#[derive(Debug)]
+pub struct QemuBackend {
+    cfg: QemuConfig,
+    accel: OnceCell<Accel>,
+    tsc_khz: Option<u64>,
+}
+
+impl QemuBackend {
+    pub fn new(cfg: QemuConfig) -> Self {
+        Self {
+            cfg,
+            accel: OnceCell::new(),
+            tsc_khz: host_tsc_khz(),
+        }
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.cfg
+    }
+
+    /// The accelerator VMs of this backend use (probing on first call).
+    pub async fn accel(&self, kernel: &Path) -> Accel {
+        *self
+            .accel
+            .get_or_init(|| detect_accel(self.cfg.accel, &self.cfg.binary, kernel))
+            .await
+    }
+
+    /// The exact command line `launch` would run, for benchmarks comparing against bare
+    /// QEMU and for debugging.
+    pub async fn command_line(&self, spec: &VmSpec, fds: PassedFds) -> Vec<std::ffi::OsString> {
+        let accel = self.accel(&spec.kernel).await;
+        build_args(spec, accel, &self.cfg, self.tsc_khz, fds)
+    }
+}
+
+/// The host TSC frequency, from /proc/cpuinfo. Under TCG the guest's TSC runs at the host
+/// rate, so telling the guest spares it an unreliable calibration.
+fn host_tsc_khz() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = text
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+fn bind_listener(path: &Path) -> Result<OwnedFd, VmmError> {
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| VmmError::io(format!("binding {}", path.display()), e))?;
+    Ok(OwnedFd::from(listener))
+}
+
+impl VmBackend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            pause: true,
+            snapshot: false,
+            hardware_accel: self.accel.get() == Some(&Accel::Kvm),
+        }
+    }
+
+    fn launch(&self, spec: VmSpec) -> BoxFuture<'_, Result<Box<dyn Vm>, VmmError>> {
+        Box::pin(async move {
+            spec.validate()?;
+            let accel = self.accel(&spec.kernel).await;
+            std::fs::create_dir(&spec.run_dir)
+                .map_err(|e| VmmError::io(format!("creating run dir {}", spec.run_dir.display()), e))?;
+            match self.spawn(&spec, accel) {
+                Ok(vm) => Ok(Box::new(vm) as Box<dyn Vm>),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&spec.run_dir);
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+impl QemuBackend {
+    fn spawn(&self, spec: &VmSpec, accel: Accel) -> Result<QemuVm, VmmError> {
+        let agent_path = spec.run_dir.join("agent.sock");
+        let qmp_path = spec.run_dir.join("qmp.sock");
+        let fds = vec![bind_listener(&agent_path)?, bind_listener(&qmp_path)?];
+
+        let mut cmd = Command::new(&self.cfg.binary);
+        let numbers = crate::process::pass_fds(&mut cmd, fds).map_err(VmmError::Control)?;
+        let passed = PassedFds {
+            agent_listener: numbers[0],
+            qmp_listener: numbers[1],
+        };
+        cmd.args(build_args(spec, accel, &self.cfg, self.tsc_khz, passed))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Terminal signals (Ctrl-C) go to the foreground group; the VM's owner decides.
+            .process_group(0)
+            .kill_on_drop(true);
+        if spec.die_with_parent {
+            crate::process::die_with_parent(&mut cmd);
+        }
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            binary: self.cfg.binary.display().to_string(),
+            source,
+        })?;
+        tracing::debug!(vm = %spec.id, pid = ?child.id(), accel = accel.as_str(), "QEMU started");
+
+        let console = ConsoleLog::new(spec.console_limit);
+        let stderr_tail = ConsoleLog::new(STDERR_LIMIT);
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(tokio::spawn(capture(out, console.clone(), spec.console_to_stderr)));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(tokio::spawn(capture(err, stderr_tail.clone(), false)));
+        }
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let state = Arc::new(AtomicU8::new(STATE_RUNNING));
+        let pid = child.id();
+        let actor = Actor {
+            child,
+            qmp_path,
+            qmp: None,
+            run_dir: spec.run_dir.clone(),
+            state: state.clone(),
+            stderr_tail,
+            readers,
+        };
+        tokio::spawn(actor.run(cmd_rx, exit_tx));
+        Ok(QemuVm {
+            id: spec.id.clone(),
+            pid,
+            run_dir: spec.run_dir.clone(),
+            agent_path,
+            commands: cmd_tx,
+            exit: exit_rx,
+            console,
+            state,
+            killed: Mutex::new(false),
+        })
+    }
+}
+
+async fn capture<R: AsyncRead + Unpin>(mut src: R, log: ConsoleLog, mirror: bool) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut stderr = tokio::io::stderr();
+    loop {
+        match src.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                log.push(&buf[..n]);
+                if mirror {
+                    let _ = stderr.write_all(&buf[..n]).await;
+                }
+            }
+        }
+    }
+}
+
+const STATE_RUNNING: u8 = 0;
+const STATE_PAUSED: u8 = 1;
+const STATE_EXITED: u8 = 2;
+
+enum ActorCommand {
+    Qmp {
+        command: &'static str,
+        reply: oneshot::Sender<Result<(), VmmError>>,
+    },
+}
+
+/// Owns the QEMU process for its whole life.
+struct Actor {
+    child: tokio::process::Child,
+    qmp_path: PathBuf,
+    qmp: Option<Qmp>,
+    run_dir: PathBuf,
+    state: Arc<AtomicU8>,
+    stderr_tail: ConsoleLog,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<ActorCommand>,
+        exit: watch::Sender<Option<ExitInfo>>,
+    ) {
+        let mut handles_gone = false;
+        let status = loop {
+            tokio::select! {
+                status = self.child.wait() => break status,
+                cmd = commands.recv(), if !handles_gone => match cmd {
+                    None => {
+                        // Every handle was dropped: nobody can reach this VM any more.
+                        handles_gone = true;
+                        let _ = self.child.start_kill();
+                    }
+                    Some(ActorCommand::Qmp { command, reply }) => {
+                        let result = self.qmp(command).await;
+                        let _ = reply.send(result);
+                    }
+                },
+            }
+        };
+        self.state.store(STATE_EXITED, Ordering::SeqCst);
+        // The pipes close with the process; give the readers a moment to take the tail.
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
+        }
+        if let Err(e) = tokio::fs::remove_dir_all(&self.run_dir).await {
+            tracing::warn!(dir = %self.run_dir.display(), error = %e, "removing VM run dir");
+        }
+        let info = match status {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                ExitInfo {
+                    code: s.code(),
+                    signal: s.signal(),
+                    stderr_tail: self.stderr_tail.tail(),
+                }
+            }
+            Err(e) => ExitInfo {
+                code: None,
+                signal: None,
+                stderr_tail: format!("waiting for QEMU failed: {e}"),
+            },
+        };
+        let _ = exit.send(Some(info));
+    }
+
+    async fn qmp(&mut self, command: &'static str) -> Result<(), VmmError> {
+        if self.qmp.is_none() {
+            self.qmp = Some(Qmp::connect(&self.qmp_path).await?);
+        }
+        let qmp = self.qmp.as_mut().ok_or_else(|| VmmError::Control("QMP unavailable".into()))?;
+        let result = qmp.execute(command, None).await;
+        if result.is_err() {
+            // Reconnect next time rather than reuse a stream in an unknown state.
+            self.qmp = None;
+        }
+        result?;
+        match command {
+            "stop" => self.state.store(STATE_PAUSED, Ordering::SeqCst),
+            "cont" => self.state.store(STATE_RUNNING, Ordering::SeqCst),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Handle to a QEMU VM.
+#[derive(Debug)]
+pub struct QemuVm {
+    id: String,
+    pid: Option<u32>,
+    run_dir: PathBuf,
+    agent_path: PathBuf,
+    commands: mpsc::UnboundedSender<ActorCommand>,
+    exit: watch::Receiver<Option<ExitInfo>>,
+    console: ConsoleLog,
+    state: Arc<AtomicU8>,
+    killed: Mutex<bool>,
+}
+
+impl std::fmt::Debug for ActorCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Qmp { command, .. } => write!(f, "Qmp({command})"),
+        }
+    }
+}
+
+impl QemuVm {
+    async fn qmp(&self, command: &'static str) -> Result<(), VmmError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(ActorCommand::Qmp { command, reply })
+            .map_err(|_| VmmError::Exited("the VM is gone".into()))?;
+        rx.await
+            .map_err(|_| VmmError::Exited("the VM exited during the command".into()))?
+    }
+
+    async fn wait_exit(&self) -> ExitInfo {
+        let mut rx = self.exit.clone();
+        let info = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone(),
+            Err(_) => None,
+        };
+        info.unwrap_or(ExitInfo {
+            code: None,
+            signal: None,
+            stderr_tail: "VM actor ended without an exit status".into(),
+        })
+    }
+}
+
+impl Vm for QemuVm {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    fn agent_endpoint(&self) -> AgentEndpoint {
+        AgentEndpoint::Unix(self.agent_path.clone())
+    }
+
+    fn state(&self) -> VmState {
+        match self.state.load(Ordering::SeqCst) {
+            STATE_RUNNING => VmState::Running,
+            STATE_PAUSED => VmState::Paused,
+            _ => VmState::Exited,
+        }
+    }
+
+    fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {
+        Box::pin(self.qmp("stop"))
+    }
+
+    fn resume(&self) -> BoxFuture<'_, Result<(), VmmError>> {
+        Box::pin(self.qmp("cont"))
+    }
+
+    fn stop(&self, grace: Duration) -> BoxFuture<'_, Result<ExitInfo, VmmError>> {
+        Box::pin(async move {
+            if self.state() != VmState::Exited {
+                // "quit" may fail if QEMU is already on its way out; waiting covers both.
+                let _ = tokio::time::timeout(grace, self.qmp("quit")).await;
+            }
+            match tokio::time::timeout(grace, self.wait_exit()).await {
+                Ok(info) => Ok(info),
+                Err(_) => {
+                    self.kill();
+                    Ok(self.wait_exit().await)
+                }
+            }
+        })
+    }
+
+    fn kill(&self) {
+        let mut killed = self.killed.lock().unwrap_or_else(PoisonError::into_inner);
+        if *killed || self.exit.borrow().is_some() {
+            return;
+        }
+        if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
+            // The actor has not reaped the process yet (no exit published), so the pid
+            // still names our QEMU.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            *killed = true;
+        }
+    }
+
+    fn wait(&self) -> BoxFuture<'_, ExitInfo> {
+        Box::pin(self.wait_exit())
+    }
+
+    fn console_tail(&self) -> String {
+        self.console.tail()
+    }
+}
