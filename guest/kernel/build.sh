@@ -6,6 +6,9 @@
 # hash of every input (the fragment, this script, the kernel source tarball and the
 # compiler version), so a second run with the same inputs returns at once.
 #
+# $NANOBOX_CACHE_DIR/vmlinux is kept pointing at the newest build: the default kernel of
+# `nanobox vm run`.
+#
 # Usage: guest/kernel/build.sh            prints the path of the cached vmlinux
 # Needs: apt-get install linux-source build-essential bc flex bison libelf-dev libssl-dev
 set -euo pipefail
@@ -31,8 +34,13 @@ key=$( {
 } | sha256sum | cut -c1-16)
 
 out="$cache_root/$key"
-if [[ -s "$out/vmlinux" ]]; then
+publish() {
+    ln -sfn "kernel/$key/vmlinux" "$cache_root/../vmlinux.tmp.$$"
+    mv -T "$cache_root/../vmlinux.tmp.$$" "$cache_root/../vmlinux"
     echo "$out/vmlinux"
+}
+if [[ -s "$out/vmlinux" ]]; then
+    publish
     exit 0
 fi
 
@@ -98,4 +106,4 @@ cp .config "$out.tmp/config"
 rm -rf "$out"
 mv "$out.tmp" "$out"
 log "built $out/vmlinux ($(du -h "$out/vmlinux" | cut -f1))"
-echo "$out/vmlinux"
+publish

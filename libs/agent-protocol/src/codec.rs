@@ -42,11 +42,13 @@ pub enum CodecError {
 }
 
 /// tokio-util codec for agent frames. Decodes into `Result<Frame, FrameError>` items.
+///
+/// After an oversized header only the header is dropped: the decoder then scans for the
+/// next magic. It does not skip the announced length, which could be 4 GiB of a healthy
+/// stream swallowed on the word of one corrupt header.
 #[derive(Debug, Default, Clone)]
 pub struct FrameCodec {
-    /// Set after an oversized header: skip this many payload bytes before looking for
-    /// the next magic, so that an honest oversized frame is not mistaken for garbage.
-    skip: usize,
+    _private: (),
 }
 
 impl FrameCodec {
@@ -75,14 +77,6 @@ impl Decoder for FrameCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
-        if self.skip > 0 {
-            let n = self.skip.min(src.len());
-            src.advance(n);
-            self.skip -= n;
-            if self.skip > 0 {
-                return Ok(None);
-            }
-        }
         if src.is_empty() {
             return Ok(None);
         }
@@ -97,7 +91,6 @@ impl Decoder for FrameCodec {
         let len = u32::from_le_bytes([src[4], src[5], src[6], src[7]]) as usize;
         if len > MAX_FRAME_LEN {
             src.advance(HEADER_LEN);
-            self.skip = len;
             return Ok(Some(Err(FrameError::Oversized {
                 len,
                 max: MAX_FRAME_LEN,
@@ -226,7 +219,7 @@ mod tests {
     }
 
     #[test]
-    fn oversized_frame_is_skipped_and_next_frame_decodes() {
+    fn decoder_resynchronises_after_an_oversized_frame() {
         let mut buf = BytesMut::new();
         let len = MAX_FRAME_LEN + 10;
         buf.put_slice(&MAGIC);
@@ -235,9 +228,10 @@ mod tests {
         encode_into(&data_frame(3, b"after"), &mut buf).expect("encode");
         let mut codec = FrameCodec::new();
         let items = decode_all(&mut codec, &mut buf);
-        assert_eq!(items.len(), 2);
+        assert_eq!(items.len(), 3, "{items:?}");
         assert!(matches!(items[0], Err(FrameError::Oversized { .. })));
-        assert_eq!(items[1].as_ref().ok(), Some(&data_frame(3, b"after")));
+        assert_eq!(items[1], Err(FrameError::BadMagic { skipped: len }));
+        assert_eq!(items[2].as_ref().ok(), Some(&data_frame(3, b"after")));
     }
 
     #[test]

@@ -99,12 +99,17 @@ impl OpenStream {
         }
         let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
         {
-            let mut slots = self.shared.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut slots = self
+                .shared
+                .slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if let Some(slot) = slots.get_mut(&self.id) {
                 slot.inbound_credit += u64::from(bytes);
             }
         }
-        self.send(Body::WindowUpdate(pb::WindowUpdate { bytes })).await
+        self.send(Body::WindowUpdate(pb::WindowUpdate { bytes }))
+            .await
     }
 
     /// Sends bulk data in chunks, waiting for the guest's credit.
@@ -220,7 +225,12 @@ fn remote(e: pb::Error) -> AgentError {
 }
 
 fn unexpected(what: &str, body: &Body) -> AgentError {
-    AgentError::Protocol(format!("unexpected reply to {what}: {body:?}").chars().take(200).collect())
+    AgentError::Protocol(
+        format!("unexpected reply to {what}: {body:?}")
+            .chars()
+            .take(200)
+            .collect(),
+    )
 }
 
 impl AgentClient {
@@ -243,10 +253,12 @@ impl AgentClient {
 
         let mut frames = FramedRead::new(reader, FrameCodec::new());
         let nonce = rand::random::<u64>() | 1;
-        let hello = || Body::Hello(pb::Hello {
-            nonce,
-            protocol_version: PROTOCOL_VERSION,
-        });
+        let hello = || {
+            Body::Hello(pb::Hello {
+                nonce,
+                protocol_version: PROTOCOL_VERSION,
+            })
+        };
         let handshake = async {
             let mut ticker = tokio::time::interval(HELLO_INTERVAL);
             loop {
@@ -306,7 +318,11 @@ impl AgentClient {
             if self.shared.closed.borrow().is_some() {
                 return Err(self.shared.disconnected());
             }
-            let mut slots = self.shared.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut slots = self
+                .shared
+                .slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             slots.insert(
                 id,
                 Slot {
@@ -328,7 +344,12 @@ impl AgentClient {
         Ok(stream)
     }
 
-    async fn unary(&self, what: &str, request: Body, timeout: Duration) -> Result<Body, AgentError> {
+    async fn unary(
+        &self,
+        what: &str,
+        request: Body,
+        timeout: Duration,
+    ) -> Result<Body, AgentError> {
         let call = async {
             let mut stream = self.open(request).await?;
             loop {
@@ -336,7 +357,9 @@ impl AgentClient {
                     Event::Done(Body::Error(e)) => return Err(remote(e)),
                     Event::Done(body) => return Ok(body),
                     other => {
-                        return Err(AgentError::Protocol(format!("unexpected {other:?} in reply to {what}")))
+                        return Err(AgentError::Protocol(format!(
+                            "unexpected {other:?} in reply to {what}"
+                        )))
                     }
                 }
             }
@@ -347,7 +370,10 @@ impl AgentClient {
     }
 
     pub async fn info(&self, timeout: Duration) -> Result<GuestInfo, AgentError> {
-        match self.unary("info", Body::Info(pb::InfoRequest {}), timeout).await? {
+        match self
+            .unary("info", Body::Info(pb::InfoRequest {}), timeout)
+            .await?
+        {
             Body::InfoResponse(i) => Ok(GuestInfo {
                 kernel_release: i.kernel_release,
                 uptime_ms: i.uptime_ms,
@@ -362,7 +388,11 @@ impl AgentClient {
         }
     }
 
-    pub async fn configure(&self, req: ConfigureRequest, timeout: Duration) -> Result<(), AgentError> {
+    pub async fn configure(
+        &self,
+        req: ConfigureRequest,
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
         let body = Body::Configure(pb::ConfigureRequest {
             hostname: req.hostname,
             entropy_seed: req.entropy_seed.into(),
@@ -400,7 +430,12 @@ impl AgentClient {
 
     /// Streams `source` into the guest file `path` (written atomically: a temporary file
     /// renamed at the end). Returns the bytes written.
-    pub async fn write_file<R>(&self, path: &str, mode: u32, mut source: R) -> Result<u64, AgentError>
+    pub async fn write_file<R>(
+        &self,
+        path: &str,
+        mode: u32,
+        mut source: R,
+    ) -> Result<u64, AgentError>
     where
         R: AsyncRead + Unpin,
     {
@@ -548,7 +583,10 @@ fn deliver(shared: &Shared, frame: Frame) -> Result<(), String> {
                 ));
             }
             slot.inbound_credit -= len;
-            Event::Data(pb::OutputFd::try_from(d.fd).unwrap_or(pb::OutputFd::Unspecified), d.data)
+            Event::Data(
+                pb::OutputFd::try_from(d.fd).unwrap_or(pb::OutputFd::Unspecified),
+                d.data,
+            )
         }
         Body::Eof(e) => {
             let fd = pb::OutputFd::try_from(e.fd).unwrap_or(pb::OutputFd::Unspecified);
@@ -561,7 +599,10 @@ fn deliver(shared: &Shared, frame: Frame) -> Result<(), String> {
         Body::WindowUpdate(w) => {
             let n = w.bytes as usize;
             if slot.outbound.available_permits().saturating_add(n) > MAX_OUTBOUND_CREDIT {
-                return Err(format!("guest granted an absurd window on stream {}", frame.stream_id));
+                return Err(format!(
+                    "guest granted an absurd window on stream {}",
+                    frame.stream_id
+                ));
             }
             slot.outbound.add_permits(n);
             return Ok(());

@@ -200,7 +200,9 @@ impl ExecStream {
 
     /// Sends a signal to the command's process group.
     pub async fn signal(&self, signal: i32) -> Result<(), AgentError> {
-        self.stream.send(Body::Signal(pb::SignalRequest { signal })).await
+        self.stream
+            .send(Body::Signal(pb::SignalRequest { signal }))
+            .await
     }
 
     /// The next event; `Ok(None)` after the exit status has been returned.
@@ -269,7 +271,13 @@ impl ExecStream {
             match event {
                 ExecEvent::Stdout(d) => stdout.extend_from_slice(&d),
                 ExecEvent::Stderr(d) => stderr.extend_from_slice(&d),
-                ExecEvent::Exit(status) => return Ok(ExecOutput { stdout, stderr, status }),
+                ExecEvent::Exit(status) => {
+                    return Ok(ExecOutput {
+                        stdout,
+                        stderr,
+                        status,
+                    })
+                }
             }
             if stdout.len() + stderr.len() > max_output {
                 return Err(AgentError::Remote {
@@ -278,6 +286,8 @@ impl ExecStream {
                 });
             }
         }
-        Err(AgentError::Protocol("exec ended without an exit status".into()))
+        Err(AgentError::Protocol(
+            "exec ended without an exit status".into(),
+        ))
     }
 }

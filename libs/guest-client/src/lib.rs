@@ -15,7 +15,9 @@ mod transport;
 
 pub use client::{AgentClient, ConfigureRequest, GuestInfo, NetworkConfig};
 pub use error::AgentError;
-pub use exec::{ExecEvent, ExecOutput, ExecRequest, ExecStdin, ExecStream, ExitOutcome, ExitStatus};
+pub use exec::{
+    ExecEvent, ExecOutput, ExecRequest, ExecStdin, ExecStream, ExitOutcome, ExitStatus,
+};
 pub use transport::connect_firecracker_vsock;
 
 pub use nanobox_agent_protocol::INITIAL_WINDOW;

@@ -24,7 +24,9 @@ pub async fn connect_firecracker_vsock(
 ) -> Result<UnixStream, AgentError> {
     let attempt = async {
         let mut stream = UnixStream::connect(uds).await?;
-        stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+        stream
+            .write_all(format!("CONNECT {port}\n").as_bytes())
+            .await?;
         // Read byte by byte: anything after the newline already belongs to the agent.
         let mut line = Vec::with_capacity(MAX_CONNECT_REPLY);
         loop {
@@ -66,7 +68,11 @@ mod tests {
             let mut line = String::new();
             reader.read_line(&mut line).await.expect("read");
             assert_eq!(line, "CONNECT 1024\n");
-            reader.get_mut().write_all(reply.as_bytes()).await.expect("write");
+            reader
+                .get_mut()
+                .write_all(reply.as_bytes())
+                .await
+                .expect("write");
             // Keep the connection open for the client to use.
             tokio::time::sleep(Duration::from_secs(5)).await;
         });

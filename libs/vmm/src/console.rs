@@ -56,7 +56,10 @@ impl ConsoleLog {
 
     /// Bytes discarded because they fell out of the window.
     pub fn dropped(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner).dropped
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .dropped
     }
 }
 

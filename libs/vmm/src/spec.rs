@@ -53,7 +53,12 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
-    pub fn new(id: impl Into<String>, kernel: impl Into<PathBuf>, rootfs: DriveSpec, run_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        id: impl Into<String>,
+        kernel: impl Into<PathBuf>,
+        rootfs: DriveSpec,
+        run_dir: impl Into<PathBuf>,
+    ) -> Self {
         Self {
             id: id.into(),
             kernel: kernel.into(),
@@ -83,7 +88,10 @@ impl VmSpec {
             )));
         }
         if !(1..=32).contains(&self.vcpus) {
-            return Err(VmmError::InvalidSpec(format!("vcpus {} is outside 1..=32", self.vcpus)));
+            return Err(VmmError::InvalidSpec(format!(
+                "vcpus {} is outside 1..=32",
+                self.vcpus
+            )));
         }
         if !(64..=65536).contains(&self.memory_mib) {
             return Err(VmmError::InvalidSpec(format!(
@@ -93,7 +101,9 @@ impl VmSpec {
         }
         for arg in &self.extra_kernel_args {
             if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(VmmError::InvalidSpec(format!("kernel argument {arg:?} is not one word")));
+                return Err(VmmError::InvalidSpec(format!(
+                    "kernel argument {arg:?} is not one word"
+                )));
             }
         }
         for (what, path) in [("kernel", &self.kernel), ("rootfs", &self.rootfs.path)] {
@@ -116,7 +126,12 @@ mod tests {
         let rootfs = dir.path().join("root.ext4");
         std::fs::write(&kernel, b"k").expect("write");
         std::fs::write(&rootfs, b"r").expect("write");
-        VmSpec::new("vm-1", kernel, DriveSpec::writable(rootfs), dir.path().join("run"))
+        VmSpec::new(
+            "vm-1",
+            kernel,
+            DriveSpec::writable(rootfs),
+            dir.path().join("run"),
+        )
     }
 
     #[test]
@@ -126,7 +141,10 @@ mod tests {
         for bad in ["", "UPPER", "a/b", "../x", &"x".repeat(65)] {
             let mut s = spec(&dir);
             s.id = bad.to_owned();
-            assert!(matches!(s.validate(), Err(VmmError::InvalidSpec(_))), "{bad:?}");
+            assert!(
+                matches!(s.validate(), Err(VmmError::InvalidSpec(_))),
+                "{bad:?}"
+            );
         }
         let mut s = spec(&dir);
         s.memory_mib = 16;
@@ -139,6 +157,9 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = spec(&dir);
         s.kernel = dir.path().join("missing");
-        assert!(matches!(s.validate(), Err(VmmError::MissingFile { what: "kernel", .. })));
+        assert!(matches!(
+            s.validate(),
+            Err(VmmError::MissingFile { what: "kernel", .. })
+        ));
     }
 }

@@ -15,6 +15,8 @@ pub struct QemuConfig {
     /// Skip the guest's LAPIC timer calibration under TCG (`noapictimer`): ~240 ms off
     /// each boot, at ~0.9% of a host core per idle guest. Off for long-lived idle guests.
     pub fast_boot_timer: bool,
+    /// Where `accel = auto` keeps its probe result between processes.
+    pub accel_cache: Option<std::path::PathBuf>,
 }
 
 impl Default for QemuConfig {
@@ -24,6 +26,7 @@ impl Default for QemuConfig {
             accel: crate::AccelChoice::Auto,
             tb_size_mib: 16,
             fast_boot_timer: true,
+            accel_cache: None,
         }
     }
 }
@@ -36,7 +39,12 @@ pub struct PassedFds {
 }
 
 /// The kernel command line for QEMU microvm.
-pub fn kernel_cmdline(spec: &VmSpec, accel: Accel, cfg: &QemuConfig, tsc_khz: Option<u64>) -> String {
+pub fn kernel_cmdline(
+    spec: &VmSpec,
+    accel: Accel,
+    cfg: &QemuConfig,
+    tsc_khz: Option<u64>,
+) -> String {
     let mut args = vec![
         "console=ttyS0".to_owned(),
         "root=/dev/vda".to_owned(),
@@ -115,11 +123,17 @@ pub fn build_args(
     push("-device");
     push("virtio-serial-device,max_ports=2");
     push("-chardev");
-    push(&format!("socket,id=agent,fd={},server=on,wait=off", fds.agent_listener));
+    push(&format!(
+        "socket,id=agent,fd={},server=on,wait=off",
+        fds.agent_listener
+    ));
     push("-device");
     push("virtserialport,chardev=agent,name=nanobox.agent");
     push("-chardev");
-    push(&format!("socket,id=qmp,fd={},server=on,wait=off", fds.qmp_listener));
+    push(&format!(
+        "socket,id=qmp,fd={},server=on,wait=off",
+        fds.qmp_listener
+    ));
     push("-mon");
     push("chardev=qmp,mode=control");
     a.push("-kernel".into());
@@ -156,7 +170,12 @@ mod tests {
     use crate::DriveSpec;
 
     fn spec() -> VmSpec {
-        let mut s = VmSpec::new("t1", "/k/vmlinux", DriveSpec::writable("/r/a,b.ext4"), "/run/t1");
+        let mut s = VmSpec::new(
+            "t1",
+            "/k/vmlinux",
+            DriveSpec::writable("/r/a,b.ext4"),
+            "/run/t1",
+        );
         s.vcpus = 2;
         s.memory_mib = 256;
         s.extra_kernel_args = vec!["nanobox.test=1".into()];
@@ -164,13 +183,19 @@ mod tests {
     }
 
     fn joined(args: &[OsString]) -> String {
-        args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
     fn tcg_command_line_has_fast_boot_flags_and_devices() {
         let cfg = QemuConfig::default();
-        let fds = PassedFds { agent_listener: 3, qmp_listener: 4 };
+        let fds = PassedFds {
+            agent_listener: 3,
+            qmp_listener: 4,
+        };
         let args = build_args(&spec(), Accel::Tcg, &cfg, Some(2_600_000), fds);
         let line = joined(&args);
         for want in [
@@ -189,7 +214,13 @@ mod tests {
             assert!(line.contains(want), "missing {want:?} in {line}");
         }
         let cmdline = kernel_cmdline(&spec(), Accel::Tcg, &cfg, Some(2_600_000));
-        for want in ["root=/dev/vda rw", "tsc_early_khz=2600000", "noapictimer", "init=/sbin/nanobox-init", "nanobox.test=1"] {
+        for want in [
+            "root=/dev/vda rw",
+            "tsc_early_khz=2600000",
+            "noapictimer",
+            "init=/sbin/nanobox-init",
+            "nanobox.test=1",
+        ] {
             assert!(cmdline.contains(want), "missing {want:?} in {cmdline}");
         }
     }
@@ -197,9 +228,15 @@ mod tests {
     #[test]
     fn kvm_uses_host_cpu_and_keeps_the_apic_timer() {
         let cfg = QemuConfig::default();
-        let fds = PassedFds { agent_listener: 3, qmp_listener: 4 };
+        let fds = PassedFds {
+            agent_listener: 3,
+            qmp_listener: 4,
+        };
         let line = joined(&build_args(&spec(), Accel::Kvm, &cfg, Some(1), fds));
-        assert!(line.contains("-accel kvm -M microvm,acpi=off -cpu host"), "{line}");
+        assert!(
+            line.contains("-accel kvm -M microvm,acpi=off -cpu host"),
+            "{line}"
+        );
         assert!(!line.contains("noapictimer"), "{line}");
     }
 
@@ -208,8 +245,17 @@ mod tests {
         let mut s = spec();
         s.rootfs.read_only = true;
         s.rootfs.ephemeral = true;
-        let fds = PassedFds { agent_listener: 3, qmp_listener: 4 };
-        let line = joined(&build_args(&s, Accel::Tcg, &QemuConfig::default(), None, fds));
+        let fds = PassedFds {
+            agent_listener: 3,
+            qmp_listener: 4,
+        };
+        let line = joined(&build_args(
+            &s,
+            Accel::Tcg,
+            &QemuConfig::default(),
+            None,
+            fds,
+        ));
         assert!(line.contains(",readonly=on,snapshot=on"), "{line}");
         assert!(line.contains("root=/dev/vda ro"), "{line}");
         assert!(!line.contains("tsc_early_khz"), "{line}");

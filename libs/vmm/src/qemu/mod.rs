@@ -55,7 +55,14 @@ impl QemuBackend {
     pub async fn accel(&self, kernel: &Path) -> Accel {
         *self
             .accel
-            .get_or_init(|| detect_accel(self.cfg.accel, &self.cfg.binary, kernel))
+            .get_or_init(|| {
+                detect_accel(
+                    self.cfg.accel,
+                    &self.cfg.binary,
+                    kernel,
+                    self.cfg.accel_cache.as_deref(),
+                )
+            })
             .await
     }
 
@@ -105,8 +112,9 @@ impl VmBackend for QemuBackend {
         Box::pin(async move {
             spec.validate()?;
             let accel = self.accel(&spec.kernel).await;
-            std::fs::create_dir(&spec.run_dir)
-                .map_err(|e| VmmError::io(format!("creating run dir {}", spec.run_dir.display()), e))?;
+            std::fs::create_dir(&spec.run_dir).map_err(|e| {
+                VmmError::io(format!("creating run dir {}", spec.run_dir.display()), e)
+            })?;
             match self.spawn(&spec, accel) {
                 Ok(vm) => Ok(Box::new(vm) as Box<dyn Vm>),
                 Err(e) => {
@@ -150,7 +158,11 @@ impl QemuBackend {
         let stderr_tail = ConsoleLog::new(STDERR_LIMIT);
         let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
-            readers.push(tokio::spawn(capture(out, console.clone(), spec.console_to_stderr)));
+            readers.push(tokio::spawn(capture(
+                out,
+                console.clone(),
+                spec.console_to_stderr,
+            )));
         }
         if let Some(err) = child.stderr.take() {
             readers.push(tokio::spawn(capture(err, stderr_tail.clone(), false)));
@@ -274,7 +286,10 @@ impl Actor {
         if self.qmp.is_none() {
             self.qmp = Some(Qmp::connect(&self.qmp_path).await?);
         }
-        let qmp = self.qmp.as_mut().ok_or_else(|| VmmError::Control("QMP unavailable".into()))?;
+        let qmp = self
+            .qmp
+            .as_mut()
+            .ok_or_else(|| VmmError::Control("QMP unavailable".into()))?;
         let result = qmp.execute(command, None).await;
         if result.is_err() {
             // Reconnect next time rather than reuse a stream in an unknown state.
@@ -393,7 +408,10 @@ impl Vm for QemuVm {
         if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
             // The actor has not reaped the process yet (no exit published), so the pid
             // still names our QEMU.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             *killed = true;
         }
     }

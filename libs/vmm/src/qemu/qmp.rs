@@ -36,7 +36,9 @@ impl Qmp {
         };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
-            return Err(VmmError::Control(format!("unexpected QMP greeting: {greeting}")));
+            return Err(VmmError::Control(format!(
+                "unexpected QMP greeting: {greeting}"
+            )));
         }
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
@@ -48,7 +50,10 @@ impl Qmp {
             loop {
                 let buf = self.reader.fill_buf().await?;
                 if buf.is_empty() {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "QMP closed"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "QMP closed",
+                    ));
                 }
                 let (take, done) = match buf.iter().position(|&b| b == b'\n') {
                     Some(i) => (i + 1, true),
@@ -68,11 +73,16 @@ impl Qmp {
             .await
             .map_err(|_| VmmError::Timeout(QMP_TIMEOUT, "QMP"))?
             .map_err(|e| VmmError::Control(format!("QMP read: {e}")))?;
-        serde_json::from_slice(&line).map_err(|e| VmmError::Control(format!("QMP sent invalid JSON: {e}")))
+        serde_json::from_slice(&line)
+            .map_err(|e| VmmError::Control(format!("QMP sent invalid JSON: {e}")))
     }
 
     /// Runs one command and returns its `return` value.
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, VmmError> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmmError> {
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;
@@ -89,7 +99,10 @@ impl Qmp {
                 return Ok(ret.clone());
             }
             if let Some(err) = reply.get("error") {
-                let desc = err.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
+                let desc = err
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error");
                 return Err(VmmError::Control(format!("QMP {command}: {desc}")));
             }
             // An asynchronous event: not ours.
@@ -99,6 +112,9 @@ impl Qmp {
     /// `query-status`: "running", "paused", ...
     pub async fn status(&mut self) -> Result<String, VmmError> {
         let v = self.execute("query-status", None).await?;
-        Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_owned())
+        Ok(v.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_owned())
     }
 }
