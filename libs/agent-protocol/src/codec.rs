@@ -206,10 +206,13 @@ mod tests {
         let items = decode_all(&mut codec, &mut buf);
         assert_eq!(
             items,
-            vec![Err(FrameError::Oversized {
-                len: u32::MAX as usize,
-                max: MAX_FRAME_LEN
-            })]
+            vec![
+                Err(FrameError::Oversized {
+                    len: u32::MAX as usize,
+                    max: MAX_FRAME_LEN
+                }),
+                Err(FrameError::BadMagic { skipped: 16 }),
+            ]
         );
         assert!(
             buf.capacity() < 1 << 20,
