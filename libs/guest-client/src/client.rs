@@ -12,7 +12,7 @@ use futures::{SinkExt, StreamExt};
 use nanobox_agent_protocol::pb::{self, frame::Body, ErrorCode, Frame};
 use nanobox_agent_protocol::{FrameCodec, INITIAL_WINDOW, MAX_DATA_CHUNK, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::AgentError;
@@ -54,11 +54,32 @@ pub(crate) struct Shared {
 }
 
 /// A connection to one guest agent. Clones share the connection; many operations may run
-/// at once.
+/// at once. The connection closes when the last clone and the last open stream are gone.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     pub(crate) shared: Arc<Shared>,
     ready: Arc<pb::Ready>,
+    life: Arc<Lifetime>,
+}
+
+/// Ends the connection's reader (and so the connection) when the last user lets go. The
+/// reader task itself only holds `Shared`, which would otherwise keep it alive forever.
+#[derive(Debug)]
+pub(crate) struct Lifetime {
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl Drop for Lifetime {
+    fn drop(&mut self) {
+        if let Some(tx) = self
+            .stop
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = tx.send(());
+        }
+    }
 }
 
 /// A stream this side opened; dropping it before it finished cancels it in the guest.
@@ -69,6 +90,7 @@ pub(crate) struct OpenStream {
     pub(crate) outbound: Arc<Semaphore>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) finished: bool,
+    _life: Arc<Lifetime>,
 }
 
 impl OpenStream {
@@ -288,10 +310,14 @@ impl AgentClient {
         let ready = tokio::time::timeout(timeout, handshake)
             .await
             .map_err(|_| AgentError::Timeout(timeout))??;
-        tokio::spawn(read_loop(frames, shared.clone()));
+        let (stop_tx, stop_rx) = oneshot::channel();
+        tokio::spawn(read_loop(frames, shared.clone(), stop_rx));
         Ok(Self {
             shared,
             ready: Arc::new(ready),
+            life: Arc::new(Lifetime {
+                stop: Mutex::new(Some(stop_tx)),
+            }),
         })
     }
 
@@ -339,6 +365,7 @@ impl AgentClient {
             outbound,
             shared: self.shared.clone(),
             finished: false,
+            _life: self.life.clone(),
         };
         stream.send(request).await?;
         Ok(stream)
@@ -536,12 +563,19 @@ where
     }
 }
 
-async fn read_loop<R>(mut frames: FramedRead<R, FrameCodec>, shared: Arc<Shared>)
-where
+async fn read_loop<R>(
+    mut frames: FramedRead<R, FrameCodec>,
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<()>,
+) where
     R: AsyncRead + Unpin,
 {
     let reason = loop {
-        let frame = match frames.next().await {
+        let next = tokio::select! {
+            next = frames.next() => next,
+            _ = &mut stop => break "the client closed the connection".to_owned(),
+        };
+        let frame = match next {
             None => break "the guest closed the agent channel".to_owned(),
             Some(Err(e)) => break format!("reading the agent channel: {e}"),
             Some(Ok(Err(bad))) => break format!("guest sent an invalid frame: {bad}"),
