@@ -13,7 +13,8 @@ out=${2:?usage: $0 <nanobox-init> <out.ext4> [size-MiB]}
 size_mib=${3:-256}
 busybox=${BUSYBOX:-/bin/busybox}
 
-if ! "$busybox" --list >/dev/null 2>&1 || ! file -L "$busybox" | grep -q 'statically linked'; then
+# A dynamically linked busybox would need the host's libc inside the image.
+if ! "$busybox" --list >/dev/null 2>&1 || LC_ALL=C readelf -l "$busybox" 2>/dev/null | grep -q 'Requesting program interpreter'; then
     echo "need a static busybox at $busybox (apt-get install busybox-static)" >&2
     exit 1
 fi

@@ -379,16 +379,12 @@ impl AgentClient {
     ) -> Result<Body, AgentError> {
         let call = async {
             let mut stream = self.open(request).await?;
-            loop {
-                match stream.next().await? {
-                    Event::Done(Body::Error(e)) => return Err(remote(e)),
-                    Event::Done(body) => return Ok(body),
-                    other => {
-                        return Err(AgentError::Protocol(format!(
-                            "unexpected {other:?} in reply to {what}"
-                        )))
-                    }
-                }
+            match stream.next().await? {
+                Event::Done(Body::Error(e)) => Err(remote(e)),
+                Event::Done(body) => Ok(body),
+                other => Err(AgentError::Protocol(format!(
+                    "unexpected {other:?} in reply to {what}"
+                ))),
             }
         };
         tokio::time::timeout(timeout, call)

@@ -20,4 +20,5 @@ pub use exec::{
 };
 pub use transport::connect_firecracker_vsock;
 
+pub use nanobox_agent_protocol::pb::ErrorCode;
 pub use nanobox_agent_protocol::INITIAL_WINDOW;

@@ -1,6 +1,8 @@
 //! End-to-end tests of the QEMU backend with a real guest: the project's kernel, the test
 //! rootfs and nanobox-init, booted under QEMU (TCG here, KVM where it works).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::time::Duration;
 
 use nanobox_agent_protocol::pb::ErrorCode;

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use nanobox_guest_client::{AgentClient, ConfigureRequest, ExecEvent, ExecRequest, ExitOutcome};
+use nanobox_guest_client::{
+    AgentClient, ConfigureRequest, ErrorCode, ExecEvent, ExecRequest, ExitOutcome,
+};
 use nanobox_vmm::qemu::{QemuBackend, QemuConfig};
 use nanobox_vmm::{connect_agent, AccelChoice, DriveSpec, Vm, VmBackend, VmSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,6 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const EXIT_NANOBOX_ERROR: i32 = 125;
 /// Exit status when the command ran past `--timeout` (as timeout(1) reports it).
 pub const EXIT_TIMED_OUT: i32 = 124;
+/// The command could not be executed / was not found: the shell's conventions.
+pub const EXIT_NOT_EXECUTABLE: i32 = 126;
+pub const EXIT_NOT_FOUND: i32 = 127;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -177,7 +182,21 @@ async fn session(
     let mut stderr = tokio::io::stderr();
     let status = loop {
         let event = tokio::select! {
-            ev = exec.next() => ev.context("running the command")?,
+            ev = exec.next() => match ev {
+                Ok(ev) => ev,
+                Err(e) => match e.remote_code() {
+                    // The guest could not start the command: report it the way a shell does.
+                    Some(ErrorCode::NotFound) => {
+                        eprintln!("nanobox: {e}");
+                        return Ok((agent, EXIT_NOT_FOUND));
+                    }
+                    Some(ErrorCode::PermissionDenied) => {
+                        eprintln!("nanobox: {e}");
+                        return Ok((agent, EXIT_NOT_EXECUTABLE));
+                    }
+                    _ => return Err(anyhow::Error::new(e).context("running the command")),
+                },
+            },
             _ = tokio::signal::ctrl_c() => {
                 // Forward the interrupt to the command, as a terminal would.
                 let _ = exec.signal(2).await;

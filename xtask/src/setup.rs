@@ -1,0 +1,230 @@
+//! Bringing a fresh Debian machine to the point where NanoBox runs: packages, guest
+//! kernel, static guest init, test rootfs. Every step is idempotent and cached.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context as _;
+use sha2::Digest as _;
+
+/// Debian packages NanoBox and its tests need.
+const PACKAGES: &[&str] = &[
+    // The VMM every test uses.
+    "qemu-system-x86",
+    // Guest kernel build.
+    "linux-source",
+    "build-essential",
+    "bc",
+    "flex",
+    "bison",
+    "libelf-dev",
+    "libssl-dev",
+    "xz-utils",
+    // Guest userland for the test rootfs, and the ext4 builder.
+    "busybox-static",
+    "e2fsprogs",
+];
+
+/// Target triple of the static guest init.
+const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+pub fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+pub fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask lives one level below the workspace root")
+}
+
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("NANOBOX_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join("nanobox")
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    anyhow::ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+}
+
+/// The guest artefacts tests and demos boot.
+#[derive(Debug)]
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub init: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+impl Guest {
+    pub fn print_env(&self) {
+        println!("export NANOBOX_TEST_KERNEL={}", self.kernel.display());
+        println!("export NANOBOX_TEST_ROOTFS={}", self.rootfs.display());
+        println!("# guest init: {}", self.init.display());
+    }
+}
+
+pub fn prepare() -> anyhow::Result<Guest> {
+    install_packages()?;
+    step("guest kernel (cached by the hash of its inputs)");
+    let kernel = PathBuf::from(output(&mut Command::new("guest/kernel/build.sh"))?);
+    step("guest init (static)");
+    let init = build_init()?;
+    step("test rootfs (busybox + init)");
+    let rootfs = build_test_rootfs(&init)?;
+    Ok(Guest {
+        kernel,
+        init,
+        rootfs,
+    })
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            let status = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", pkg])
+                .output();
+            !matches!(status, Ok(out) if String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn install_packages() -> anyhow::Result<()> {
+    let missing = missing_packages();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    let apt = |args: &[&str]| {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    run(&mut apt(&["update", "-qq"]))?;
+    run(apt(&["install", "-y", "-qq", "--no-install-recommends"]).args(&missing))?;
+    Ok(())
+}
+
+pub fn ensure_nextest() -> anyhow::Result<()> {
+    let have = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have {
+        step("installing cargo-nextest");
+        cargo(&["install", "--locked", "cargo-nextest"])?;
+    }
+    Ok(())
+}
+
+fn build_init() -> anyhow::Result<PathBuf> {
+    // Static glibc: the init must run in any image, whatever libc (if any) it has.
+    // `--target` keeps the static flag off build scripts and proc macros.
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "nanobox-init",
+            "--profile",
+            "guest",
+            "--target",
+            GUEST_TARGET,
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .status()
+        .context("building nanobox-init")?;
+    anyhow::ensure!(status.success(), "building nanobox-init failed");
+    let path = PathBuf::from(format!("target/{GUEST_TARGET}/guest/nanobox-init"));
+    let interp = output(Command::new("readelf").arg("-l").arg(&path))?;
+    anyhow::ensure!(
+        !interp.contains("Requesting program interpreter"),
+        "{} is not statically linked",
+        path.display()
+    );
+    Ok(std::fs::canonicalize(&path)?)
+}
+
+fn sha256_files(paths: &[&Path]) -> anyhow::Result<String> {
+    let mut hasher = sha2::Sha256::new();
+    for path in paths {
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+fn build_test_rootfs(init: &Path) -> anyhow::Result<PathBuf> {
+    let script = Path::new("guest/rootfs/build-test-rootfs.sh");
+    let busybox = Path::new("/bin/busybox");
+    let key = sha256_files(&[init, script, busybox])?;
+    let dir = cache_dir().join("rootfs");
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join(format!("test-{key}.ext4"));
+    if !out.exists() {
+        run(Command::new(script).arg(init).arg(&out))?;
+        // Keep only the current image: old ones are 256 MiB sparse files each.
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            if entry.path() != out && entry.file_name().to_string_lossy().starts_with("test-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    Ok(out)
+}
