@@ -219,12 +219,31 @@ fn build_test_rootfs(init: &Path) -> anyhow::Result<PathBuf> {
     let out = dir.join(format!("test-{key}.ext4"));
     if !out.exists() {
         run(Command::new(script).arg(init).arg(&out))?;
-        // Keep only the current image: old ones are 256 MiB sparse files each.
-        for entry in std::fs::read_dir(&dir)?.flatten() {
-            if entry.path() != out && entry.file_name().to_string_lossy().starts_with("test-") {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
+        prune_rootfs_cache(&dir, &out);
     }
     Ok(out)
+}
+
+/// Old test images are pruned, but only ones no run can still be using: other checkouts
+/// on this machine (CI's clean clone beside a developer's tree) share the cache, so an
+/// image is kept for a day after it was last built and the newest few are always kept.
+fn prune_rootfs_cache(dir: &Path, current: &Path) {
+    const KEEP: usize = 4;
+    const MIN_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut images: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("test-"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .filter(|(_, p)| p != current)
+        .collect();
+    images.sort_by(|a, b| b.0.cmp(&a.0));
+    let now = std::time::SystemTime::now();
+    for (modified, path) in images.into_iter().skip(KEEP) {
+        if now.duration_since(modified).unwrap_or_default() > MIN_AGE {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }

@@ -10,13 +10,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use nanobox_agent_protocol::codec::encode_into;
 use nanobox_agent_protocol::pb::{self, frame::Body, ErrorCode, Frame};
-use nanobox_agent_protocol::{FrameCodec, FrameError, INITIAL_WINDOW, PROTOCOL_VERSION};
-use tokio::io::{AsyncRead, AsyncWrite};
+use nanobox_agent_protocol::{
+    data_frame_prefix, FrameCodec, FrameError, DATA_PREFIX_ROOM, GUEST_WIRE_CHUNK, INITIAL_WINDOW,
+    PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 
 use crate::image::ImageConfig;
 use crate::reaper::Reaper;
@@ -75,11 +79,58 @@ pub enum Inbound {
     Cancel,
 }
 
+/// What the writer task puts on the wire.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A frame to encode.
+    Frame(Frame),
+    /// A frame already in wire form (bulk data, built in place; see [`DataBuf`]).
+    Wire(Bytes),
+}
+
+/// A buffer for one bulk-data frame: data is read straight into it behind room for the
+/// frame prefix, so it reaches the wire without being copied in user space.
+#[derive(Debug)]
+pub struct DataBuf {
+    buf: BytesMut,
+}
+
+impl DataBuf {
+    pub fn new() -> Self {
+        let mut buf = BytesMut::with_capacity(GUEST_WIRE_CHUNK);
+        buf.resize(DATA_PREFIX_ROOM, 0);
+        Self { buf }
+    }
+
+    /// The buffer to read into: its spare capacity is the room left for data.
+    pub fn reader(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    pub fn data_len(&self) -> usize {
+        self.buf.len() - DATA_PREFIX_ROOM
+    }
+
+    /// The complete wire frame `Data { fd, data }` on stream `stream_id`.
+    fn into_wire(mut self, stream_id: u64, fd: i32) -> Bytes {
+        let prefix = data_frame_prefix(stream_id, fd, self.data_len());
+        let start = DATA_PREFIX_ROOM - prefix.len();
+        self.buf[start..DATA_PREFIX_ROOM].copy_from_slice(&prefix);
+        self.buf.freeze().slice(start..)
+    }
+}
+
+impl Default for DataBuf {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Sends frames for one stream; every reply of a stream goes through here.
 #[derive(Debug, Clone)]
 pub struct StreamTx {
     pub id: u64,
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<Outgoing>,
     /// Bulk bytes the host may still send on this stream (shared with the dispatcher,
     /// which takes from it as data arrives).
     credit: Arc<AtomicU64>,
@@ -101,10 +152,18 @@ impl StreamTx {
 
     pub async fn send(&self, body: Body) -> bool {
         self.tx
-            .send(Frame {
+            .send(Outgoing::Frame(Frame {
                 stream_id: self.id,
                 body: Some(body),
-            })
+            }))
+            .await
+            .is_ok()
+    }
+
+    /// Sends the data in `buf` as one `Data` frame for output `fd`.
+    pub async fn send_data(&self, fd: i32, buf: DataBuf) -> bool {
+        self.tx
+            .send(Outgoing::Wire(buf.into_wire(self.id, fd)))
             .await
             .is_ok()
     }
@@ -131,27 +190,11 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (out_tx, mut out_rx) = mpsc::channel::<Frame>(64);
-    let writer_task = tokio::spawn(async move {
-        let mut sink = FramedWrite::new(writer, FrameCodec::new());
-        while let Some(frame) = out_rx.recv().await {
-            // Batch whatever else is queued into one write.
-            if sink.feed(frame).await.is_err() {
-                return;
-            }
-            while let Ok(frame) = out_rx.try_recv() {
-                if sink.feed(frame).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-    });
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(64);
+    let writer_task = tokio::spawn(write_loop(writer, out_rx));
 
     if announce {
-        let _ = out_tx.send(agent.ready(0)).await;
+        let _ = out_tx.send(Outgoing::Frame(agent.ready(0))).await;
     }
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
@@ -186,20 +229,56 @@ where
     writer_task.abort();
 }
 
-async fn reject(out: &mpsc::Sender<Frame>, bad: FrameError) {
+/// Puts frames on the wire, batching small ones into one write and writing pre-built
+/// data frames as they are (each fits one virtio-serial write).
+async fn write_loop<W>(mut writer: W, mut rx: mpsc::Receiver<Outgoing>)
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut batch = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Outgoing::Frame(frame) => {
+                    if let Err(e) = encode_into(&frame, &mut batch) {
+                        log!("dropping a frame that cannot be encoded: {e}");
+                    }
+                }
+                Outgoing::Wire(bytes) => {
+                    if !batch.is_empty() && writer.write_all(&batch.split()).await.is_err() {
+                        return;
+                    }
+                    if writer.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if batch.len() >= GUEST_WIRE_CHUNK {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if !batch.is_empty() && writer.write_all(&batch.split()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn reject(out: &mpsc::Sender<Outgoing>, bad: FrameError) {
     log!("rejected frame: {bad}");
     let stream_id = match bad {
         FrameError::Empty { stream_id } => stream_id,
         _ => 0,
     };
     let _ = out
-        .send(Frame {
+        .send(Outgoing::Frame(Frame {
             stream_id,
             body: Some(Body::Error(pb::Error {
                 code: ErrorCode::Protocol as i32,
                 message: bad.to_string(),
             })),
-        })
+        }))
         .await;
 }
 
@@ -207,7 +286,7 @@ async fn dispatch(
     agent: &Arc<Agent>,
     frame: Frame,
     streams: &mut HashMap<u64, OpenStream>,
-    out: &mpsc::Sender<Frame>,
+    out: &mpsc::Sender<Outgoing>,
     done: &mpsc::UnboundedSender<u64>,
 ) {
     let id = frame.stream_id;
@@ -223,7 +302,7 @@ async fn dispatch(
         Body::Hello(hello) => {
             // A new host session: whatever the previous one left running is orphaned.
             streams.clear();
-            let _ = out.send(agent.ready(hello.nonce)).await;
+            let _ = out.send(Outgoing::Frame(agent.ready(hello.nonce))).await;
             return;
         }
         Body::Data(d) => {

@@ -99,10 +99,9 @@ pub fn set_hostname(name: &str) -> Result<(), String> {
     {
         return Err(format!("invalid hostname {name:?}"));
     }
-    nix::unistd::sethostname(name).map_err(|e| format!("sethostname: {e}"))?;
-    // Best effort: tools such as `hostname -f` read these.
-    let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
-    Ok(())
+    // Only the kernel's name: writing /etc/hostname would touch the image's filesystem on
+    // every hand-over for no reader that matters (hostname(1) asks the kernel).
+    nix::unistd::sethostname(name).map_err(|e| format!("sethostname: {e}"))
 }
 
 pub fn set_clock(unix_time_ns: u64) -> Result<(), String> {

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nanobox_agent_protocol::pb::{self, exit_status::Status, frame::Body, ErrorCode, OutputFd};
-use nanobox_agent_protocol::{INITIAL_WINDOW, MAX_DATA_CHUNK};
+use nanobox_agent_protocol::INITIAL_WINDOW;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::agent::{Agent, Inbound, StreamTx};
+use crate::agent::{Agent, DataBuf, Inbound, StreamTx};
 use crate::reaper::Exit;
 
 /// After the command exits, output still arriving is relayed until the pipes have been
@@ -291,10 +291,10 @@ async fn pump(
     credit: Arc<Semaphore>,
     mut exited: watch::Receiver<bool>,
 ) {
-    let mut buf = vec![0u8; MAX_DATA_CHUNK];
     loop {
+        let mut buf = DataBuf::new();
         let read = tokio::select! {
-            r = pipe.read(&mut buf) => r,
+            r = pipe.read_buf(buf.reader()) => r,
             _ = idle_after_exit(&mut exited) => break,
         };
         let n = match read {
@@ -307,14 +307,7 @@ async fn pump(
             Ok(permit) => permit.forget(),
             Err(_) => return, // the host cancelled the stream
         }
-        let data = Bytes::copy_from_slice(&buf[..n]);
-        if !stream
-            .send(Body::Data(pb::Data {
-                fd: fd as i32,
-                data,
-            }))
-            .await
-        {
+        if !stream.send_data(fd as i32, buf).await {
             return;
         }
     }

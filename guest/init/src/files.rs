@@ -7,13 +7,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use nanobox_agent_protocol::pb::{self, frame::Body, ErrorCode, OutputFd};
-use nanobox_agent_protocol::{INITIAL_WINDOW, MAX_DATA_CHUNK};
+use nanobox_agent_protocol::INITIAL_WINDOW;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::agent::{Inbound, StreamTx};
+use crate::agent::{DataBuf, Inbound, StreamTx};
 
 fn io_code(e: &std::io::Error) -> ErrorCode {
     match e.kind() {
@@ -209,15 +208,14 @@ pub async fn read(
     };
     let mut remaining = if req.limit == 0 { u64::MAX } else { req.limit };
     let mut total = 0u64;
-    let mut buf = vec![0u8; MAX_DATA_CHUNK];
     let result = loop {
         if remaining == 0 {
             break Ok(());
         }
-        let want = buf
-            .len()
-            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
-        let n = match file.read(&mut buf[..want]).await {
+        let mut buf = DataBuf::new();
+        let room = buf.reader().capacity() - buf.reader().len();
+        let want = room.min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        let n = match (&mut file).take(want as u64).read_buf(buf.reader()).await {
             Ok(0) => break Ok(()),
             Ok(n) => n,
             Err(e) => break Err(e),
@@ -229,14 +227,7 @@ pub async fn read(
                 return; // cancelled: the host is not listening any more
             }
         }
-        let data = Bytes::copy_from_slice(&buf[..n]);
-        if !stream
-            .send(Body::Data(pb::Data {
-                fd: OutputFd::Unspecified as i32,
-                data,
-            }))
-            .await
-        {
+        if !stream.send_data(OutputFd::Unspecified as i32, buf).await {
             break Ok(());
         }
         total += n as u64;

@@ -19,7 +19,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/nanobox.guest.v1.rs"));
 }
 
-pub use codec::{FrameCodec, FrameError};
+pub use codec::{data_frame_prefix, FrameCodec, FrameError, DATA_PREFIX_ROOM};
 
 /// Version of the protocol spoken by this build; sent in `Hello` and `Ready`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -35,6 +35,11 @@ pub const MAX_FRAME_LEN: usize = 1 << 20;
 
 /// Largest `Data` chunk a sender puts into one frame.
 pub const MAX_DATA_CHUNK: usize = 128 * 1024;
+
+/// Wire size of the guest's bulk-data frames: a virtio-serial port takes at most 32 KiB
+/// per write, so a frame of this size (prefix included) reaches the host in one write and
+/// one virtqueue buffer.
+pub const GUEST_WIRE_CHUNK: usize = 32 * 1024;
 
 /// Credit each side grants per stream for bulk data before the first `WindowUpdate`.
 ///

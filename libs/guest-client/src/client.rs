@@ -90,8 +90,15 @@ pub(crate) struct OpenStream {
     pub(crate) outbound: Arc<Semaphore>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) finished: bool,
+    /// Consumed bytes not yet returned to the guest as credit (see `grant`).
+    pending_grant: usize,
     _life: Arc<Lifetime>,
 }
+
+/// Credit goes back to the guest in batches of this size: each WindowUpdate costs the
+/// guest an interrupt and a wake-up, which under emulation is far from free. A quarter of
+/// the window keeps the guest streaming while it waits.
+const GRANT_BATCH: usize = INITIAL_WINDOW as usize / 4;
 
 impl OpenStream {
     /// Next event; a closed connection surfaces as `Disconnected`.
@@ -114,12 +121,14 @@ impl OpenStream {
         self.shared.send(self.id, body).await
     }
 
-    /// Tells the guest it may send `bytes` more on this stream.
-    pub(crate) async fn grant(&self, bytes: usize) -> Result<(), AgentError> {
-        if bytes == 0 {
+    /// Records that the consumer took `consumed` bytes; the guest gets the credit back
+    /// once a batch has accumulated.
+    pub(crate) async fn grant(&mut self, consumed: usize) -> Result<(), AgentError> {
+        self.pending_grant += consumed;
+        if self.pending_grant < GRANT_BATCH {
             return Ok(());
         }
-        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let bytes = u32::try_from(std::mem::take(&mut self.pending_grant)).unwrap_or(u32::MAX);
         {
             let mut slots = self
                 .shared
@@ -365,6 +374,7 @@ impl AgentClient {
             outbound,
             shared: self.shared.clone(),
             finished: false,
+            pending_grant: 0,
             _life: self.life.clone(),
         };
         stream.send(request).await?;

@@ -139,7 +139,7 @@ async fn agent(
         match ev {
             ExecEvent::Stdout(d) => got += d.len(),
             ExecEvent::Stderr(_) => {}
-            ExecEvent::Exit(s) => anyhow::ensure!(s.success(), "head failed: {s:?}"),
+            ExecEvent::Exit(s) => anyhow::ensure!(s.success(), "dd failed: {s:?}"),
         }
     }
     let secs = t.elapsed().as_secs_f64();

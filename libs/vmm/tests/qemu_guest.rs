@@ -177,10 +177,9 @@ async fn large_output_streams_with_bounded_host_memory() {
     let mut exec = t
         .agent
         .exec(ExecRequest::new([
-            "head",
+            "sh",
             "-c",
-            &TOTAL.to_string(),
-            "/dev/zero",
+            "dd if=/dev/zero bs=1M count=64 2>/dev/null",
         ]))
         .await
         .expect("exec");
@@ -242,7 +241,8 @@ async fn concurrent_execs_return_their_own_output() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdin_round_trips_through_cat() {
     let t = TestVm::boot("stdin").await;
-    let input: Vec<u8> = (0..MIB).map(|_| rand::random::<u8>()).collect();
+    let mut input = vec![0u8; MIB];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut input);
     let mut req = ExecRequest::new(["cat"]);
     req.stdin = true;
     let mut exec = t.agent.exec(req).await.expect("exec");
@@ -267,7 +267,8 @@ async fn stdin_round_trips_through_cat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_round_trip_and_bad_paths_are_errors() {
     let t = TestVm::boot("files").await;
-    let data: Vec<u8> = (0..32 * MIB).map(|_| rand::random::<u8>()).collect();
+    let mut data = vec![0u8; 32 * MIB];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut data);
     let written = tokio::time::timeout(
         HANG_GUARD,
         t.agent.write_file("/root/blob.bin", 0o600, &data[..]),
