@@ -239,7 +239,7 @@ fn prune_rootfs_cache(dir: &Path, current: &Path) {
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .filter(|(_, p)| p != current)
         .collect();
-    images.sort_by(|a, b| b.0.cmp(&a.0));
+    images.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
     let now = std::time::SystemTime::now();
     for (modified, path) in images.into_iter().skip(KEEP) {
         if now.duration_since(modified).unwrap_or_default() > MIN_AGE {
