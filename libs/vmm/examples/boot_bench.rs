@@ -126,14 +126,10 @@ async fn agent(
     }
     let bytes = stream_mib * 1024 * 1024;
     let t = Instant::now();
-    let mut exec = agent
-        .exec(ExecRequest::new([
-            "head",
-            "-c",
-            &bytes.to_string(),
-            "/dev/zero",
-        ]))
-        .await?;
+    // dd writes 1 MiB per call, so the producer is not what is measured (busybox `head`
+    // writes 4 KiB at a time and is slower than the channel under emulation).
+    let script = format!("dd if=/dev/zero bs=1M count={stream_mib} 2>/dev/null");
+    let mut exec = agent.exec(ExecRequest::new(["sh", "-c", &script])).await?;
     let mut got = 0usize;
     while let Some(ev) = exec.next().await? {
         match ev {
