@@ -73,6 +73,17 @@ impl std::fmt::Display for ExitInfo {
     }
 }
 
+/// What [`Vm::snapshot`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The directory holding the snapshot's files.
+    pub dir: PathBuf,
+    /// Bytes of VM state (memory and devices) written.
+    pub state_bytes: u64,
+    pub memory_mib: u32,
+    pub vcpus: u8,
+}
+
 /// A VMM: turns specs into running VMs.
 pub trait VmBackend: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> BackendKind;
@@ -82,6 +93,16 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     /// Starts the VMM process for `spec` and boots the guest. Returns once the VMM runs;
     /// the guest is ready when its agent answers (see [`crate::connect_agent`]).
     fn launch(&self, spec: VmSpec) -> BoxFuture<'_, Result<Box<dyn Vm>, VmmError>>;
+
+    /// Starts a VM from a snapshot taken with [`Vm::snapshot`], running. `spec` must
+    /// describe the same machine (memory, vCPUs) and name a root disk in the state it had
+    /// when the snapshot was taken. The guest's clock and entropy are stale afterwards:
+    /// configure it through its agent before use.
+    fn restore<'a>(
+        &'a self,
+        spec: VmSpec,
+        snapshot: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<Box<dyn Vm>, VmmError>>;
 }
 
 /// A running (or paused) VM, owned by the backend's actor task.
@@ -104,6 +125,15 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>>;
 
     fn resume(&self) -> BoxFuture<'_, Result<(), VmmError>>;
+
+    /// Writes the VM's memory and device state into `dir` (created if missing), pausing
+    /// the VM first; it stays paused. The root disk is not copied: it belongs to the
+    /// caller, who must keep it as it is now (the VM cannot write while paused) to restore
+    /// from this snapshot.
+    fn snapshot<'a>(
+        &'a self,
+        dir: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<SnapshotInfo, VmmError>>;
 
     /// Asks the VMM to exit, and kills it if it has not within `grace`. The guest is not
     /// asked first: shut it down through its agent beforehand for a clean stop.

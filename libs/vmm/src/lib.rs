@@ -24,7 +24,9 @@ mod spec;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
 pub use agent::connect_agent;
-pub use backend::{AgentEndpoint, BackendKind, Capabilities, ExitInfo, Vm, VmBackend, VmState};
+pub use backend::{
+    AgentEndpoint, BackendKind, Capabilities, ExitInfo, SnapshotInfo, Vm, VmBackend, VmState,
+};
 pub use console::ConsoleLog;
 pub use error::VmmError;
 pub use spec::{DriveSpec, VmSpec, DEFAULT_CONSOLE_LIMIT};

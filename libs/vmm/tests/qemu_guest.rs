@@ -478,3 +478,136 @@ async fn pause_resume_and_orderly_shutdown() {
     assert_eq!(exit.code, Some(0), "{exit}");
     assert!(!t.vm.run_dir().exists());
 }
+
+/// A sparse copy of the test rootfs that a VM may write to (and a snapshot may keep).
+fn writable_rootfs(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = nanobox_testkit::GuestArtifacts::from_env().rootfs;
+    let dst = dir.join("root.ext4");
+    let status = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&src)
+        .arg(&dst)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    dst
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_and_restore_keep_memory_disk_and_running_processes() {
+    use nanobox_vmm::{DriveSpec, VmBackend};
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let disk = writable_rootfs(work.path());
+    let t = TestVm::boot_with("snap-src", |spec| {
+        spec.rootfs = DriveSpec::writable(&disk);
+    })
+    .await;
+    let setup = "echo in-memory > /tmp/ram-marker; echo on-disk > /root/disk-marker; sync; \
+                 (i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done) \
+                 >/dev/null 2>&1 &";
+    let out = run(&t.agent, &["sh", "-c", setup]).await;
+    assert_eq!(out.status.outcome, ExitOutcome::Code(0));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Snapshot: memory and device state from QEMU, the disk copied while the VM is paused.
+    let snap = work.path().join("snap");
+    let info = tokio::time::timeout(HANG_GUARD, t.vm.snapshot(&snap))
+        .await
+        .expect("snapshot hung")
+        .expect("snapshot");
+    assert_eq!(t.vm.state(), VmState::Paused);
+    assert!(info.state_bytes > 0 && info.memory_mib == 128, "{info:?}");
+    let saved_disk = snap.join("root.ext4");
+    let status = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&disk)
+        .arg(&saved_disk)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    let TestVm { vm, agent, backend } = t;
+    drop(agent);
+    vm.kill();
+    vm.wait().await;
+
+    // Restore into a new VM on the saved disk.
+    let artifacts = nanobox_testkit::GuestArtifacts::from_env();
+    let id = nanobox_testkit::vm_id("snap-dst");
+    let spec = nanobox_vmm::VmSpec::new(
+        id.clone(),
+        artifacts.kernel,
+        DriveSpec::writable(&saved_disk),
+        std::env::temp_dir().join(format!("nanobox-test-{id}")),
+    );
+    let restored = tokio::time::timeout(HANG_GUARD, backend.restore(spec, &snap))
+        .await
+        .expect("restore hung")
+        .expect("restore");
+    assert_eq!(restored.state(), VmState::Running);
+    let agent = connect_agent(restored.as_ref(), HANG_GUARD)
+        .await
+        .expect("agent after restore");
+    agent
+        .configure(
+            ConfigureRequest {
+                unix_time_ns: Some(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .expect("clock")
+                        .as_nanos() as u64,
+                ),
+                entropy_seed: vec![42; 32],
+                ..ConfigureRequest::default()
+            },
+            HANG_GUARD,
+        )
+        .await
+        .expect("configure after restore");
+
+    let out = run(&agent, &["cat", "/tmp/ram-marker", "/root/disk-marker"]).await;
+    assert_eq!(text(&out.stdout), "in-memory\non-disk\n");
+    // The background loop started before the snapshot is still counting.
+    let first: u64 = text(&run(&agent, &["cat", "/tmp/counter"]).await.stdout)
+        .trim()
+        .parse()
+        .expect("n");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later: u64 = text(&run(&agent, &["cat", "/tmp/counter"]).await.stdout)
+        .trim()
+        .parse()
+        .expect("n");
+    assert!(
+        later > first,
+        "counter stuck at {first} -> {later} after restore"
+    );
+
+    // The snapshot refuses a machine of another size, and ephemeral disks.
+    let mut other = nanobox_vmm::VmSpec::new(
+        nanobox_testkit::vm_id("snap-bad"),
+        nanobox_testkit::GuestArtifacts::from_env().kernel,
+        DriveSpec::writable(&saved_disk),
+        work.path().join("run-bad"),
+    );
+    other.memory_mib = 256;
+    let err = backend
+        .restore(other, &snap)
+        .await
+        .expect_err("size mismatch");
+    assert!(err.to_string().contains("128 MiB"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_vms_refuse_snapshots() {
+    let t = TestVm::boot("snap-ephemeral").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err =
+        t.vm.snapshot(&dir.path().join("s"))
+            .await
+            .expect_err("ephemeral");
+    assert!(err.to_string().contains("ephemeral"), "{err}");
+    // The refusal changed nothing: the guest still runs.
+    assert_eq!(t.vm.state(), VmState::Running);
+    let out = run(&t.agent, &["echo", "ok"]).await;
+    assert_eq!(text(&out.stdout), "ok\n");
+}

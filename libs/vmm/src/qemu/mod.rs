@@ -9,6 +9,7 @@
 
 mod args;
 mod qmp;
+mod snapshot;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -25,7 +26,9 @@ use tokio::sync::{mpsc, oneshot, watch, OnceCell};
 pub use args::{build_args, kernel_cmdline, PassedFds, QemuConfig};
 pub use qmp::Qmp;
 
-use crate::backend::{AgentEndpoint, BackendKind, Capabilities, ExitInfo, Vm, VmBackend, VmState};
+use crate::backend::{
+    AgentEndpoint, BackendKind, Capabilities, ExitInfo, SnapshotInfo, Vm, VmBackend, VmState,
+};
 use crate::{detect_accel, Accel, ConsoleLog, VmSpec, VmmError};
 
 const STDERR_LIMIT: usize = 16 * 1024;
@@ -103,7 +106,7 @@ impl VmBackend for QemuBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             pause: true,
-            snapshot: false,
+            snapshot: true,
             hardware_accel: self.accel.get() == Some(&Accel::Kvm),
         }
     }
@@ -115,7 +118,7 @@ impl VmBackend for QemuBackend {
             std::fs::create_dir(&spec.run_dir).map_err(|e| {
                 VmmError::io(format!("creating run dir {}", spec.run_dir.display()), e)
             })?;
-            match self.spawn(&spec, accel) {
+            match self.spawn(&spec, accel, false) {
                 Ok(vm) => Ok(Box::new(vm) as Box<dyn Vm>),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&spec.run_dir);
@@ -124,10 +127,51 @@ impl VmBackend for QemuBackend {
             }
         })
     }
+
+    fn restore<'a>(
+        &'a self,
+        spec: VmSpec,
+        snapshot: &'a Path,
+    ) -> BoxFuture<'a, Result<Box<dyn Vm>, VmmError>> {
+        Box::pin(async move {
+            spec.validate()?;
+            if spec.rootfs.ephemeral {
+                return Err(VmmError::InvalidSpec(
+                    "a restored VM needs the root disk saved with its snapshot, not an ephemeral one"
+                        .into(),
+                ));
+            }
+            snapshot::Manifest::check(snapshot, &spec)?;
+            let state = snapshot::state_path(snapshot);
+            std::fs::metadata(&state).map_err(|source| VmmError::MissingFile {
+                what: "snapshot state",
+                path: state.clone(),
+                source,
+            })?;
+            let uri = snapshot::load_uri(snapshot)?;
+            let accel = self.accel(&spec.kernel).await;
+            std::fs::create_dir(&spec.run_dir).map_err(|e| {
+                VmmError::io(format!("creating run dir {}", spec.run_dir.display()), e)
+            })?;
+            let vm = match self.spawn(&spec, accel, true) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&spec.run_dir);
+                    return Err(e);
+                }
+            };
+            // From here on, dropping `vm` on error kills QEMU and removes the run dir.
+            vm.qmp("migrate-incoming", Some(snapshot::migrate_args(&uri)))
+                .await?;
+            vm.wait_for_migration().await?;
+            vm.qmp("cont", None).await?;
+            Ok(Box::new(vm) as Box<dyn Vm>)
+        })
+    }
 }
 
 impl QemuBackend {
-    fn spawn(&self, spec: &VmSpec, accel: Accel) -> Result<QemuVm, VmmError> {
+    fn spawn(&self, spec: &VmSpec, accel: Accel, incoming: bool) -> Result<QemuVm, VmmError> {
         let agent_path = spec.run_dir.join("agent.sock");
         let qmp_path = spec.run_dir.join("qmp.sock");
         let fds = vec![bind_listener(&agent_path)?, bind_listener(&qmp_path)?];
@@ -138,8 +182,12 @@ impl QemuBackend {
             agent_listener: numbers[0],
             qmp_listener: numbers[1],
         };
-        cmd.args(build_args(spec, accel, &self.cfg, self.tsc_khz, passed))
-            .stdin(Stdio::null())
+        cmd.args(build_args(spec, accel, &self.cfg, self.tsc_khz, passed));
+        if incoming {
+            // Wait for the migration stream (sent over QMP) instead of booting.
+            cmd.args(["-incoming", "defer"]);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Terminal signals (Ctrl-C) go to the foreground group; the VM's owner decides.
@@ -169,7 +217,11 @@ impl QemuBackend {
         }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (exit_tx, exit_rx) = watch::channel(None);
-        let state = Arc::new(AtomicU8::new(STATE_RUNNING));
+        let state = Arc::new(AtomicU8::new(if incoming {
+            STATE_PAUSED
+        } else {
+            STATE_RUNNING
+        }));
         let pid = child.id();
         let actor = Actor {
             child,
@@ -191,6 +243,9 @@ impl QemuBackend {
             console,
             state,
             killed: Mutex::new(false),
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            ephemeral_disk: spec.rootfs.ephemeral,
         })
     }
 }
@@ -218,7 +273,8 @@ const STATE_EXITED: u8 = 2;
 enum ActorCommand {
     Qmp {
         command: &'static str,
-        reply: oneshot::Sender<Result<(), VmmError>>,
+        arguments: Option<serde_json::Value>,
+        reply: oneshot::Sender<Result<serde_json::Value, VmmError>>,
     },
 }
 
@@ -249,8 +305,8 @@ impl Actor {
                         handles_gone = true;
                         let _ = self.child.start_kill();
                     }
-                    Some(ActorCommand::Qmp { command, reply }) => {
-                        let result = self.qmp(command).await;
+                    Some(ActorCommand::Qmp { command, arguments, reply }) => {
+                        let result = self.qmp(command, arguments).await;
                         let _ = reply.send(result);
                     }
                 },
@@ -282,7 +338,11 @@ impl Actor {
         let _ = exit.send(Some(info));
     }
 
-    async fn qmp(&mut self, command: &'static str) -> Result<(), VmmError> {
+    async fn qmp(
+        &mut self,
+        command: &'static str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, VmmError> {
         if self.qmp.is_none() {
             self.qmp = Some(Qmp::connect(&self.qmp_path).await?);
         }
@@ -290,18 +350,18 @@ impl Actor {
             .qmp
             .as_mut()
             .ok_or_else(|| VmmError::Control("QMP unavailable".into()))?;
-        let result = qmp.execute(command, None).await;
+        let result = qmp.execute(command, arguments).await;
         if result.is_err() {
             // Reconnect next time rather than reuse a stream in an unknown state.
             self.qmp = None;
         }
-        result?;
+        let value = result?;
         match command {
             "stop" => self.state.store(STATE_PAUSED, Ordering::SeqCst),
             "cont" => self.state.store(STATE_RUNNING, Ordering::SeqCst),
             _ => {}
         }
-        Ok(())
+        Ok(value)
     }
 }
 
@@ -317,6 +377,9 @@ pub struct QemuVm {
     console: ConsoleLog,
     state: Arc<AtomicU8>,
     killed: Mutex<bool>,
+    memory_mib: u32,
+    vcpus: u8,
+    ephemeral_disk: bool,
 }
 
 impl std::fmt::Debug for ActorCommand {
@@ -328,13 +391,39 @@ impl std::fmt::Debug for ActorCommand {
 }
 
 impl QemuVm {
-    async fn qmp(&self, command: &'static str) -> Result<(), VmmError> {
+    async fn qmp(
+        &self,
+        command: &'static str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, VmmError> {
         let (reply, rx) = oneshot::channel();
         self.commands
-            .send(ActorCommand::Qmp { command, reply })
+            .send(ActorCommand::Qmp {
+                command,
+                arguments,
+                reply,
+            })
             .map_err(|_| VmmError::Exited("the VM is gone".into()))?;
         rx.await
             .map_err(|_| VmmError::Exited("the VM exited during the command".into()))?
+    }
+
+    /// Polls `query-migrate` until the migration (either direction) has completed.
+    async fn wait_for_migration(&self) -> Result<(), VmmError> {
+        let poll = async {
+            loop {
+                let reply = self.qmp("query-migrate", None).await?;
+                if snapshot::migration_done(&reply)? {
+                    return Ok(());
+                }
+                tokio::time::sleep(snapshot::MIGRATION_POLL).await;
+            }
+        };
+        tokio::select! {
+            result = tokio::time::timeout(snapshot::MIGRATION_TIMEOUT, poll) => result
+                .map_err(|_| VmmError::Timeout(snapshot::MIGRATION_TIMEOUT, "the migration stream"))?,
+            exit = self.wait_exit() => Err(VmmError::Exited(exit.to_string())),
+        }
     }
 
     async fn wait_exit(&self) -> ExitInfo {
@@ -377,18 +466,47 @@ impl Vm for QemuVm {
     }
 
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {
-        Box::pin(self.qmp("stop"))
+        Box::pin(async move { self.qmp("stop", None).await.map(drop) })
     }
 
     fn resume(&self) -> BoxFuture<'_, Result<(), VmmError>> {
-        Box::pin(self.qmp("cont"))
+        Box::pin(async move { self.qmp("cont", None).await.map(drop) })
+    }
+
+    fn snapshot<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, Result<SnapshotInfo, VmmError>> {
+        Box::pin(async move {
+            if self.ephemeral_disk {
+                // Its writes live in a throwaway overlay that no restore could find.
+                return Err(VmmError::InvalidSpec(
+                    "a VM with an ephemeral root disk cannot be snapshotted".into(),
+                ));
+            }
+            let uri = snapshot::save_uri(dir)?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| VmmError::io(format!("creating {}", dir.display()), e))?;
+            self.qmp("stop", None).await?;
+            self.qmp("migrate", Some(snapshot::migrate_args(&uri)))
+                .await?;
+            self.wait_for_migration().await?;
+            snapshot::Manifest::for_spec(self.memory_mib, self.vcpus).write(dir)?;
+            let state = snapshot::state_path(dir);
+            let state_bytes = std::fs::metadata(&state)
+                .map_err(|e| VmmError::io(format!("reading {}", state.display()), e))?
+                .len();
+            Ok(SnapshotInfo {
+                dir: dir.to_path_buf(),
+                state_bytes,
+                memory_mib: self.memory_mib,
+                vcpus: self.vcpus,
+            })
+        })
     }
 
     fn stop(&self, grace: Duration) -> BoxFuture<'_, Result<ExitInfo, VmmError>> {
         Box::pin(async move {
             if self.state() != VmState::Exited {
                 // "quit" may fail if QEMU is already on its way out; waiting covers both.
-                let _ = tokio::time::timeout(grace, self.qmp("quit")).await;
+                let _ = tokio::time::timeout(grace, self.qmp("quit", None)).await;
             }
             match tokio::time::timeout(grace, self.wait_exit()).await {
                 Ok(info) => Ok(info),
