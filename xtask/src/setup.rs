@@ -24,6 +24,12 @@ const PACKAGES: &[&str] = &[
     // Guest userland for the test rootfs, and the ext4 builder.
     "busybox-static",
     "e2fsprogs",
+    // Real parts for the storage and image tests: metadata database, reference OCI
+    // tooling (test images are built with umoci and pushed with skopeo), zstd layers.
+    "postgresql",
+    "umoci",
+    "skopeo",
+    "zstd",
 ];
 
 /// Target triple of the static guest init.

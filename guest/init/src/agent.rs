@@ -40,7 +40,7 @@ pub struct Agent {
 impl Agent {
     /// The environment a new exec starts from.
     pub fn base_env(&self) -> Vec<(String, String)> {
-        let mut env = self.image.env_pairs();
+        let mut env = crate::image::env_pairs(&self.image);
         let extra = self
             .extra_env
             .lock()

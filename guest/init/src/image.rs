@@ -6,8 +6,6 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
-
 /// Where the template builder writes the image config inside the rootfs.
 pub const IMAGE_CONFIG_PATH: &str = "/etc/nanobox/image.json";
 
@@ -17,46 +15,35 @@ const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// PATH for images that do not set one (Docker's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
-#[serde(default, rename_all = "snake_case")]
-pub struct ImageConfig {
-    /// `KEY=VALUE` entries, as in the OCI config.
-    pub env: Vec<String>,
-    pub working_dir: String,
-    pub user: String,
-    pub entrypoint: Vec<String>,
-    pub cmd: Vec<String>,
+pub use nanobox_core::ImageConfig;
+
+/// Loads the image config; a missing file is an empty config, a bad one is reported.
+pub fn load(path: &Path) -> Result<ImageConfig, String> {
+    use std::io::Read;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ImageConfig::default()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-impl ImageConfig {
-    /// Loads the config; a missing file is an empty config, a bad one is reported.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        use std::io::Read;
-        let file = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        let mut text = String::new();
-        file.take(MAX_CONFIG_BYTES)
-            .read_to_string(&mut text)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
-    }
-
-    /// The environment as ordered pairs, with PATH defaulted.
-    pub fn env_pairs(&self) -> Vec<(String, String)> {
-        let mut pairs: Vec<(String, String)> = Vec::new();
-        for entry in &self.env {
-            if let Some((k, v)) = entry.split_once('=') {
-                merge(&mut pairs, k, v);
-            }
+/// The image's environment as ordered pairs, with PATH defaulted.
+pub fn env_pairs(config: &ImageConfig) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for entry in &config.env {
+        if let Some((k, v)) = entry.split_once('=') {
+            merge(&mut pairs, k, v);
         }
-        if !pairs.iter().any(|(k, _)| k == "PATH") {
-            pairs.insert(0, ("PATH".into(), DEFAULT_PATH.into()));
-        }
-        pairs
     }
+    if !pairs.iter().any(|(k, _)| k == "PATH") {
+        pairs.insert(0, ("PATH".into(), DEFAULT_PATH.into()));
+    }
+    pairs
 }
 
 /// Sets `key` in `pairs`, replacing an existing entry in place.
@@ -80,9 +67,9 @@ mod tests {
             r#"{"env":["A=1","B=x=y","A=2"],"working_dir":"/app","cmd":["node"]}"#,
         )
         .expect("write");
-        let cfg = ImageConfig::load(&path).expect("load");
+        let cfg = load(&path).expect("load");
         assert_eq!(cfg.working_dir, "/app");
-        let env = cfg.env_pairs();
+        let env = env_pairs(&cfg);
         assert_eq!(env[0], ("PATH".into(), DEFAULT_PATH.into()));
         assert!(env.contains(&("A".into(), "2".into())));
         assert!(env.contains(&("B".into(), "x=y".into())));
@@ -92,11 +79,11 @@ mod tests {
     fn missing_file_is_empty_and_garbage_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         assert_eq!(
-            ImageConfig::load(&dir.path().join("none")).expect("missing is ok"),
+            load(&dir.path().join("none")).expect("missing is ok"),
             ImageConfig::default()
         );
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{not json").expect("write");
-        assert!(ImageConfig::load(&bad).is_err());
+        assert!(load(&bad).is_err());
     }
 }

@@ -48,7 +48,7 @@ const RECONNECT_POLL: Duration = Duration::from_millis(20);
 
 fn build_agent() -> std::io::Result<Arc<Agent>> {
     let reaper = Reaper::start()?;
-    let image = ImageConfig::load(Path::new(IMAGE_CONFIG_PATH)).unwrap_or_else(|e| {
+    let image = crate::image::load(Path::new(IMAGE_CONFIG_PATH)).unwrap_or_else(|e| {
         log!("ignoring image config: {e}");
         ImageConfig::default()
     });

@@ -108,7 +108,12 @@ impl fmt::Display for TemplateState {
 }
 
 /// The runtime configuration of an OCI image.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+///
+/// Its JSON form (snake_case field names, every field optional) is also the file the
+/// template builder writes into each rootfs at `/etc/nanobox/image.json` for the guest
+/// init: one definition for both ends.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ImageConfig {
     /// Environment, `KEY=value`, in image order.
     pub env: Vec<String>,
