@@ -313,6 +313,13 @@ async fn killing_the_vm_mid_exec_fails_the_exec_and_cleans_up() {
     let pid = t.vm.pid().expect("pid");
     let run_dir = t.vm.run_dir().to_path_buf();
     assert!(run_dir.exists());
+    // The control sockets are reachable by the VM's owner only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&run_dir)
+        .expect("run dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "run dir mode {mode:o}");
     let mut exec = t
         .agent
         .exec(ExecRequest::new(["sleep", "300"]))

@@ -92,6 +92,12 @@ fn host_tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0) as u64)
 }
 
+/// The run directory holds the VM's control sockets: only its owner may enter it.
+fn create_run_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(path)
+}
+
 fn bind_listener(path: &Path) -> Result<OwnedFd, VmmError> {
     let listener = std::os::unix::net::UnixListener::bind(path)
         .map_err(|e| VmmError::io(format!("binding {}", path.display()), e))?;
@@ -115,7 +121,7 @@ impl VmBackend for QemuBackend {
         Box::pin(async move {
             spec.validate()?;
             let accel = self.accel(&spec.kernel).await;
-            std::fs::create_dir(&spec.run_dir).map_err(|e| {
+            create_run_dir(&spec.run_dir).map_err(|e| {
                 VmmError::io(format!("creating run dir {}", spec.run_dir.display()), e)
             })?;
             match self.spawn(&spec, accel, false) {
@@ -150,7 +156,7 @@ impl VmBackend for QemuBackend {
             })?;
             let uri = snapshot::load_uri(snapshot)?;
             let accel = self.accel(&spec.kernel).await;
-            std::fs::create_dir(&spec.run_dir).map_err(|e| {
+            create_run_dir(&spec.run_dir).map_err(|e| {
                 VmmError::io(format!("creating run dir {}", spec.run_dir.display()), e)
             })?;
             let vm = match self.spawn(&spec, accel, true) {
