@@ -1,0 +1,146 @@
+//! The crate's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Which resource limit an input hit (see [`crate::Limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// Total bytes of regular-file content across all applied layers.
+    TotalSize,
+    /// Number of entries across all applied layers.
+    EntryCount,
+    /// Length of an entry's path or link target, in bytes.
+    PathLength,
+    /// Decompressed bytes of one layer stream.
+    LayerSize,
+    /// Decompressed bytes per compressed byte of one layer stream.
+    CompressionRatio,
+}
+
+impl std::fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::TotalSize => "total extracted size",
+            Self::EntryCount => "entry count",
+            Self::PathLength => "path length",
+            Self::LayerSize => "decompressed layer size",
+            Self::CompressionRatio => "compression ratio",
+        })
+    }
+}
+
+/// Errors of layer application, image reading and the ext4 builder.
+///
+/// Every variant caused by one archive entry names that entry (its path as written in the
+/// layer), so a user can tell which file of which image is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    /// The entry's path is not acceptable (`..` component, NUL byte, replaces the root).
+    #[error("entry {entry:?}: unsafe path ({reason})")]
+    UnsafePath { entry: String, reason: &'static str },
+    /// A parent directory of the entry is a symlink and the options refuse those.
+    #[error("entry {entry:?}: parent {parent:?} is a symlink")]
+    SymlinkParent { entry: String, parent: String },
+    /// Resolving the entry's parent directories met too many symlinks.
+    #[error("entry {entry:?}: too many levels of symlinks in its parent directories")]
+    SymlinkLoop { entry: String },
+    /// A parent of the entry exists and is not a directory.
+    #[error("entry {entry:?}: parent {parent:?} is not a directory")]
+    NotADirectory { entry: String, parent: String },
+    /// A hardlink entry whose target is unusable (escapes, missing, a directory).
+    #[error("entry {entry:?}: hardlink target {target:?} {reason}")]
+    BadHardlink {
+        entry: String,
+        target: String,
+        reason: &'static str,
+    },
+    /// A whiteout that names nothing deletable (`.wh.`, `.wh..`, `.wh...`).
+    #[error("entry {entry:?}: invalid whiteout ({reason})")]
+    BadWhiteout { entry: String, reason: &'static str },
+    /// A tar entry type that has no place in a rootfs.
+    #[error("entry {entry:?}: unsupported tar entry type {kind:?}")]
+    UnsupportedEntry { entry: String, kind: u8 },
+    /// A header field that cannot be applied (uid above 2^32, bad device number, ...).
+    #[error("entry {entry:?}: invalid header ({reason})")]
+    BadHeader { entry: String, reason: String },
+    /// A resource limit was exceeded; `entry` is the entry being read when it happened.
+    #[error("entry {entry:?}: {kind} limit exceeded ({value} > {limit})")]
+    LimitExceeded {
+        entry: String,
+        kind: LimitKind,
+        value: u64,
+        limit: u64,
+    },
+    /// Applying an entry failed in the file system.
+    #[error("entry {entry:?}: {op} failed")]
+    Apply {
+        entry: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The layer stream is not a readable (compressed) tar archive.
+    #[error("corrupt layer after entry {after:?}")]
+    Corrupt {
+        after: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The layer's media type is not a tar layer this crate can apply.
+    #[error("unsupported layer media type {0:?}")]
+    UnsupportedMediaType(String),
+    /// A blob's content does not match its digest.
+    #[error("digest mismatch for {digest}: content hashes to {actual}")]
+    DigestMismatch { digest: String, actual: String },
+    /// An OCI image layout or one of its JSON documents is invalid.
+    #[error("invalid OCI image layout: {0}")]
+    InvalidLayout(String),
+    /// An external tool (mkfs.ext4) failed; `stderr` is its last output.
+    #[error("{tool} failed: {stderr}")]
+    Tool { tool: &'static str, stderr: String },
+    /// Any other I/O failure, with what was being done.
+    #[error("{context} ({path})", path = path.display())]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl OciError {
+    /// The layer entry this error is about, if it is about one.
+    pub fn entry(&self) -> Option<&str> {
+        match self {
+            Self::UnsafePath { entry, .. }
+            | Self::SymlinkParent { entry, .. }
+            | Self::SymlinkLoop { entry }
+            | Self::NotADirectory { entry, .. }
+            | Self::BadHardlink { entry, .. }
+            | Self::BadWhiteout { entry, .. }
+            | Self::UnsupportedEntry { entry, .. }
+            | Self::BadHeader { entry, .. }
+            | Self::LimitExceeded { entry, .. }
+            | Self::Apply { entry, .. } => Some(entry),
+            Self::Corrupt { after, .. } => Some(after),
+            _ => None,
+        }
+    }
+
+    /// True when the input itself is bad or hostile (retrying cannot help).
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(
+            self,
+            Self::Apply { .. } | Self::Io { .. } | Self::Tool { .. }
+        )
+    }
+
+    pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Self::Io {
+            context,
+            path: path.into(),
+            source,
+        }
+    }
+}

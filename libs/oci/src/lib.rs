@@ -1,0 +1,17 @@
+//! OCI images into NanoBox root file systems.
+//!
+//! An image's layers are applied in order into a private staging directory
+//! ([`LayerApplier`]), exactly as `umoci unpack` would and without ever writing outside
+//! it, whatever the layers contain; the staging tree then becomes an auto-sized ext4
+//! image with the guest init and the image config injected ([`rootfs`]).
+
+#![forbid(unsafe_code)]
+
+mod compression;
+mod error;
+pub mod layer;
+mod staging;
+
+pub use compression::Compression;
+pub use error::{LimitKind, OciError};
+pub use layer::{ApplyOptions, LayerApplier, LayerStats, Limits};

@@ -1,0 +1,312 @@
+//! Test helpers: layer tarballs built in the test (including headers no honest builder
+//! writes), and a tree snapshot for comparing staging directories.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use nanobox_oci::{ApplyOptions, Compression, LayerApplier, OciError};
+
+pub const MTIME: u64 = 1_700_000_000;
+
+/// Builds one layer tarball.
+pub struct Layer {
+    builder: tar::Builder<Vec<u8>>,
+}
+
+impl Default for Layer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(gid);
+    h.set_mtime(MTIME);
+    h.set_size(0);
+    h
+}
+
+impl Layer {
+    pub fn new() -> Self {
+        Self {
+            builder: tar::Builder::new(Vec::new()),
+        }
+    }
+
+    pub fn dir(self, path: &str, mode: u32) -> Self {
+        self.dir_owned(path, mode, 0, 0)
+    }
+
+    pub fn dir_owned(mut self, path: &str, mode: u32, uid: u64, gid: u64) -> Self {
+        let mut h = header(tar::EntryType::Directory, mode, uid, gid);
+        self.builder.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+
+    pub fn file(self, path: &str, data: &[u8], mode: u32) -> Self {
+        self.file_owned(path, data, mode, 0, 0)
+    }
+
+    pub fn file_owned(mut self, path: &str, data: &[u8], mode: u32, uid: u64, gid: u64) -> Self {
+        let mut h = header(tar::EntryType::Regular, mode, uid, gid);
+        h.set_size(data.len() as u64);
+        self.builder.append_data(&mut h, path, data).unwrap();
+        self
+    }
+
+    pub fn symlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0, 0);
+        self.builder.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    pub fn hardlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = header(tar::EntryType::Link, 0o644, 0, 0);
+        self.builder.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    pub fn fifo(mut self, path: &str, mode: u32) -> Self {
+        let mut h = header(tar::EntryType::Fifo, mode, 0, 0);
+        self.builder.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+
+    pub fn device(mut self, path: &str, kind: tar::EntryType, major: u32, minor: u32) -> Self {
+        let mut h = header(kind, 0o666, 0, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        self.builder.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+
+    pub fn whiteout(self, path: &str) -> Self {
+        self.file(path, b"", 0o644)
+    }
+
+    /// PAX records that apply to the next entry.
+    pub fn pax(mut self, records: &[(&str, &[u8])]) -> Self {
+        let mut data = Vec::new();
+        for (key, value) in records {
+            // "<len> <key>=<value>\n" where len counts itself.
+            let rest = key.len() + value.len() + 3;
+            let mut len = rest + 1;
+            while len != rest + len.to_string().len() {
+                len = rest + len.to_string().len();
+            }
+            data.extend_from_slice(format!("{len} {key}=").as_bytes());
+            data.extend_from_slice(value);
+            data.push(b'\n');
+        }
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_path("PaxHeaders/x").unwrap();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        self.builder.append(&h, &data[..]).unwrap();
+        self
+    }
+
+    /// An entry with raw name and link name bytes, as a hostile builder writes them.
+    pub fn raw(mut self, kind: tar::EntryType, name: &[u8], link: &[u8], data: &[u8]) -> Self {
+        let mut h = header(kind, 0o644, 0, 0);
+        h.set_size(data.len() as u64);
+        {
+            let old = h.as_old_mut();
+            old.name = [0; 100];
+            old.name[..name.len()].copy_from_slice(name);
+            old.linkname = [0; 100];
+            old.linkname[..link.len()].copy_from_slice(link);
+        }
+        h.set_cksum();
+        self.builder.append(&h, data).unwrap();
+        self
+    }
+
+    pub fn tar(self) -> Vec<u8> {
+        self.builder.into_inner().unwrap()
+    }
+
+    pub fn gzip(self) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&self.tar()).unwrap();
+        enc.finish().unwrap()
+    }
+
+    pub fn zstd(self) -> Vec<u8> {
+        zstd::encode_all(&self.tar()[..], 3).unwrap()
+    }
+}
+
+/// A staging root and a directory beside it that must stay untouched.
+pub struct Sandbox {
+    pub tmp: tempfile::TempDir,
+    pub root: PathBuf,
+    pub outside: PathBuf,
+    before: BTreeMap<String, Node>,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&root).unwrap();
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("secret"), b"host secret").unwrap();
+        fs::create_dir(outside.join("sub")).unwrap();
+        fs::write(outside.join("sub/keep"), b"keep").unwrap();
+        let before = snapshot(tmp.path(), &["root"]);
+        Self {
+            tmp,
+            root,
+            outside,
+            before,
+        }
+    }
+
+    /// The outside directory as an absolute path string.
+    pub fn outside_abs(&self) -> String {
+        self.outside.to_str().unwrap().to_owned()
+    }
+
+    /// Applies layers (plain tar) with the default options.
+    pub fn apply(&self, layers: Vec<Vec<u8>>) -> Result<(), OciError> {
+        self.apply_with(layers, ApplyOptions::default())
+    }
+
+    pub fn apply_with(&self, layers: Vec<Vec<u8>>, opts: ApplyOptions) -> Result<(), OciError> {
+        let mut applier = LayerApplier::new(&self.root, opts)?;
+        for layer in layers {
+            applier.apply(std::io::Cursor::new(layer), Compression::Auto)?;
+        }
+        Ok(())
+    }
+
+    /// Asserts nothing beside the staging root changed (contents, modes, owners, links).
+    pub fn assert_outside_untouched(&self) {
+        let after = snapshot(self.tmp.path(), &["root"]);
+        assert_eq!(
+            self.before, after,
+            "the host outside the staging root changed"
+        );
+    }
+
+    pub fn at(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+}
+
+/// One file system object, as compared between trees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub content: Vec<u8>,
+    pub link: Option<PathBuf>,
+    pub rdev: u64,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    pub nlink: u64,
+    pub mtime: Option<i64>,
+}
+
+/// Everything under `dir` (not following symlinks), keyed by relative path; `skip`
+/// lists top-level names to leave out. Directory mtimes are left out (they change with
+/// every entry created in them and are not part of what users see).
+pub fn snapshot(dir: &Path, skip: &[&str]) -> BTreeMap<String, Node> {
+    let mut out = BTreeMap::new();
+    walk(dir, dir, skip, &mut out);
+    out
+}
+
+fn walk(base: &Path, dir: &Path, skip: &[&str], out: &mut BTreeMap<String, Node>) {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    for path in names {
+        let rel = path
+            .strip_prefix(base)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        if dir == base && skip.contains(&rel.as_str()) {
+            continue;
+        }
+        let node = node(&path);
+        let is_dir = node.kind == "dir";
+        out.insert(rel, node);
+        if is_dir {
+            walk(base, &path, skip, out);
+        }
+    }
+}
+
+pub fn node(path: &Path) -> Node {
+    let meta = fs::symlink_metadata(path).unwrap();
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        "dir"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_file() {
+        "file"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_char_device() {
+        "char"
+    } else if ft.is_block_device() {
+        "block"
+    } else {
+        "other"
+    };
+    let mut xattrs = BTreeMap::new();
+    let mut buf = vec![0u8; 65536];
+    let n = rustix::fs::llistxattr(path, &mut buf).unwrap_or(0);
+    for name in buf[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        let name = std::ffi::OsStr::from_bytes(name);
+        let mut value = vec![0u8; 65536];
+        let len = rustix::fs::lgetxattr(path, name, &mut value).unwrap();
+        xattrs.insert(name.to_str().unwrap().to_owned(), value[..len].to_vec());
+    }
+    Node {
+        kind,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        content: if ft.is_file() {
+            fs::read(path).unwrap()
+        } else {
+            Vec::new()
+        },
+        link: ft.is_symlink().then(|| fs::read_link(path).unwrap()),
+        rdev: meta.rdev(),
+        xattrs,
+        nlink: if ft.is_dir() { 0 } else { meta.nlink() },
+        mtime: (!ft.is_dir()).then_some(meta.mtime()),
+    }
+}
+
+/// Asserts that `err` names `entry`.
+pub fn assert_names(err: &OciError, entry: &str) {
+    assert_eq!(err.entry(), Some(entry), "{err} ({err:?})");
+    assert!(
+        err.to_string().contains(entry),
+        "message {err} does not name {entry}"
+    );
+}
