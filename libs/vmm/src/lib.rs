@@ -18,6 +18,7 @@ mod agent;
 mod backend;
 mod console;
 mod error;
+pub mod firecracker;
 mod process;
 pub mod qemu;
 mod spec;

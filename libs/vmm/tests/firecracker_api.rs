@@ -1,0 +1,231 @@
+//! Every request body the Firecracker backend sends, checked against Firecracker's
+//! published API schema (a copy of its definitions in tests/data).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+
+use nanobox_vmm::firecracker::api::*;
+use nanobox_vmm::firecracker::plan::{boot_requests, PlannedRequest};
+use nanobox_vmm::{DriveSpec, VmSpec};
+use serde_json::Value;
+
+fn definitions() -> Value {
+    let text = include_str!("data/firecracker-definitions.json");
+    serde_json::from_str(text).expect("schema copy is JSON")
+}
+
+/// Validates `value` against definition `name`: required fields present, no field the
+/// schema does not know (Firecracker denies unknown fields), types, enums and bounds.
+fn validate(defs: &Value, name: &str, value: &Value, at: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    let Some(def) = defs.get(name) else {
+        return vec![format!("{at}: no definition {name}")];
+    };
+    let Some(obj) = value.as_object() else {
+        return vec![format!("{at}: {name} must be an object, got {value}")];
+    };
+    let props = def["properties"].as_object().expect("properties");
+    for req in def["required"].as_array().expect("required") {
+        let req = req.as_str().expect("name");
+        if !obj.contains_key(req) {
+            errors.push(format!("{at}: {name} lacks required field {req}"));
+        }
+    }
+    for (key, v) in obj {
+        let Some(prop) = props.get(key) else {
+            errors.push(format!("{at}: {name} has no field {key}"));
+            continue;
+        };
+        errors.extend(validate_prop(defs, prop, v, &format!("{at}.{key}")));
+    }
+    errors
+}
+
+fn validate_prop(defs: &Value, prop: &Value, v: &Value, at: &str) -> Vec<String> {
+    if let Some(r) = prop.get("$ref").and_then(Value::as_str) {
+        return validate(defs, r, v, at);
+    }
+    let mut errors = Vec::new();
+    let ok = match prop["type"].as_str().expect("type") {
+        "string" => v.is_string(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "boolean" => v.is_boolean(),
+        "array" => {
+            if let Some(items) = v.as_array() {
+                for (i, item) in items.iter().enumerate() {
+                    errors.extend(validate_prop(
+                        defs,
+                        &prop["items"],
+                        item,
+                        &format!("{at}[{i}]"),
+                    ));
+                }
+                true
+            } else {
+                false
+            }
+        }
+        other => panic!("schema type {other} not handled"),
+    };
+    if !ok {
+        errors.push(format!("{at}: {v} is not a {}", prop["type"]));
+    }
+    if let Some(allowed) = prop.get("enum").and_then(Value::as_array) {
+        if !allowed.contains(v) {
+            errors.push(format!("{at}: {v} is not one of {allowed:?}"));
+        }
+    }
+    if let (Some(min), Some(n)) = (prop.get("minimum").and_then(Value::as_i64), v.as_i64()) {
+        if n < min {
+            errors.push(format!("{at}: {n} < minimum {min}"));
+        }
+    }
+    if let (Some(max), Some(n)) = (prop.get("maximum").and_then(Value::as_i64), v.as_i64()) {
+        if n > max {
+            errors.push(format!("{at}: {n} > maximum {max}"));
+        }
+    }
+    errors
+}
+
+fn check(request: &PlannedRequest) {
+    let errors = validate(
+        &definitions(),
+        request.definition,
+        &request.body,
+        request.definition,
+    );
+    assert!(
+        errors.is_empty(),
+        "{} {}:\n{}",
+        request.method.as_str(),
+        request.path,
+        errors.join("\n")
+    );
+}
+
+fn limiter() -> RateLimiter {
+    RateLimiter {
+        bandwidth: Some(TokenBucket::bytes_per_second(10 << 20)),
+        ops: Some(TokenBucket {
+            size: 1000,
+            refill_time: 1000,
+            one_time_burst: Some(100),
+        }),
+    }
+}
+
+#[test]
+fn the_boot_plan_matches_the_schema() {
+    let mut spec = VmSpec::new(
+        "fc",
+        "/k/vmlinux",
+        DriveSpec::writable("/d/root.ext4"),
+        "/run/fc",
+    );
+    spec.vcpus = 2;
+    spec.memory_mib = 256;
+    spec.extra_kernel_args = vec!["nanobox.x=1".into()];
+    let plan = boot_requests(&spec, Path::new("/run/fc/v.sock")).expect("plan");
+    assert_eq!(plan.len(), 6);
+    plan.iter().for_each(check);
+}
+
+#[test]
+fn every_request_type_with_every_field_matches_the_schema() {
+    let all = [
+        PlannedRequest::new(&MachineConfiguration {
+            vcpu_count: 32,
+            mem_size_mib: 8192,
+            smt: Some(true),
+            track_dirty_pages: Some(true),
+            huge_pages: Some(HugePages::TwoMiB),
+        }),
+        PlannedRequest::new(&BootSource {
+            kernel_image_path: "/k".into(),
+            boot_args: Some("console=ttyS0".into()),
+            initrd_path: Some("/i".into()),
+        }),
+        PlannedRequest::new(&Drive {
+            drive_id: "data".into(),
+            is_root_device: false,
+            is_read_only: true,
+            path_on_host: "/d".into(),
+            cache_type: Some(CacheType::Writeback),
+            io_engine: Some(IoEngine::Async),
+            rate_limiter: Some(limiter()),
+        }),
+        PlannedRequest::new(&NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: Some("06:00:ac:10:00:02".into()),
+            mtu: Some(1500),
+            rx_rate_limiter: Some(limiter()),
+            tx_rate_limiter: Some(limiter()),
+        }),
+        PlannedRequest::new(&PartialNetworkInterface {
+            iface_id: "eth0".into(),
+            rx_rate_limiter: Some(limiter()),
+            tx_rate_limiter: None,
+        }),
+        PlannedRequest::new(&Vsock {
+            guest_cid: 3,
+            uds_path: "/v.sock".into(),
+        }),
+        PlannedRequest::new(&EntropyDevice {
+            rate_limiter: Some(limiter()),
+        }),
+        PlannedRequest::new(&InstanceActionInfo {
+            action_type: ActionType::SendCtrlAltDel,
+        }),
+        PlannedRequest::new(&VmStateRequest {
+            state: VmRunState::Paused,
+        }),
+        PlannedRequest::new(&VmStateRequest {
+            state: VmRunState::Resumed,
+        }),
+        PlannedRequest::new(&SnapshotCreateParams {
+            snapshot_path: "/s/state".into(),
+            mem_file_path: "/s/mem".into(),
+            snapshot_type: Some(SnapshotType::Full),
+        }),
+        PlannedRequest::new(&SnapshotLoadParams {
+            snapshot_path: "/s/state".into(),
+            mem_backend: MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: "/s/mem".into(),
+            },
+            resume_vm: Some(true),
+            track_dirty_pages: Some(false),
+            network_overrides: vec![NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: "tap9".into(),
+            }],
+            vsock_override: Some(VsockOverride {
+                uds_path: "/new/v.sock".into(),
+            }),
+        }),
+    ];
+    for request in all {
+        check(&request.expect("encode"));
+    }
+}
+
+#[test]
+fn the_validator_catches_what_firecracker_would_refuse() {
+    let defs = definitions();
+    let body = serde_json::json!({"vcpu_count": 33, "mem_size_mib": 128, "bogus": true});
+    let errors = validate(&defs, "MachineConfiguration", &body, "m");
+    assert!(
+        errors.iter().any(|e| e.contains("maximum 32")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("no field bogus")),
+        "{errors:?}"
+    );
+    let errors = validate(&defs, "Vsock", &serde_json::json!({"guest_cid": 2}), "v");
+    assert!(errors.iter().any(|e| e.contains("minimum 3")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("uds_path")), "{errors:?}");
+}
