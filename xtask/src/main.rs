@@ -97,6 +97,7 @@ fn demo(guest: &setup::Guest) -> anyhow::Result<()> {
 
 fn test(guest: &setup::Guest, extra: &[String]) -> anyhow::Result<()> {
     setup::ensure_nextest()?;
+    setup::ensure_vsock_device()?;
     setup::step("running the test suite (real guests under QEMU)");
     let mut cmd = std::process::Command::new("cargo");
     cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"])

@@ -153,6 +153,24 @@ fn install_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// vhost-device-vsock serves a vhost-user vsock device to QEMU with Firecracker's host
+/// protocol (`CONNECT <port>`), so the guest's vsock transport is tested without a
+/// Firecracker host.
+pub fn ensure_vsock_device() -> anyhow::Result<()> {
+    let installed = std::env::var_os("HOME")
+        .map(|h| {
+            PathBuf::from(h)
+                .join(".cargo/bin/vhost-device-vsock")
+                .is_file()
+        })
+        .unwrap_or(false);
+    if !installed {
+        step("installing vhost-device-vsock");
+        cargo(&["install", "--locked", "vhost-device-vsock@0.3.0"])?;
+    }
+    Ok(())
+}
+
 pub fn ensure_nextest() -> anyhow::Result<()> {
     let have = Command::new("cargo")
         .args(["nextest", "--version"])
