@@ -10,8 +10,10 @@
 mod compression;
 mod error;
 pub mod layer;
+pub mod rootfs;
 mod staging;
 
 pub use compression::Compression;
 pub use error::{LimitKind, OciError};
 pub use layer::{ApplyOptions, LayerApplier, LayerStats, Limits};
+pub use rootfs::{build_ext4, build_rootfs, inject, Ext4Image, Ext4Options, TreeUsage};

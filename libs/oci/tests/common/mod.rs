@@ -154,6 +154,8 @@ pub struct Sandbox {
     pub tmp: tempfile::TempDir,
     pub root: PathBuf,
     pub outside: PathBuf,
+    /// Scratch space beside the root that the untouched-check ignores (test inputs).
+    pub scratch: PathBuf,
     before: BTreeMap<String, Node>,
 }
 
@@ -164,14 +166,17 @@ impl Sandbox {
         let outside = tmp.path().join("outside");
         fs::create_dir(&root).unwrap();
         fs::create_dir(&outside).unwrap();
+        let scratch = tmp.path().join("scratch");
+        fs::create_dir(&scratch).unwrap();
         fs::write(outside.join("secret"), b"host secret").unwrap();
         fs::create_dir(outside.join("sub")).unwrap();
         fs::write(outside.join("sub/keep"), b"keep").unwrap();
-        let before = snapshot(tmp.path(), &["root"]);
+        let before = snapshot(tmp.path(), &["root", "scratch"]);
         Self {
             tmp,
             root,
             outside,
+            scratch,
             before,
         }
     }
@@ -196,7 +201,7 @@ impl Sandbox {
 
     /// Asserts nothing beside the staging root changed (contents, modes, owners, links).
     pub fn assert_outside_untouched(&self) {
-        let after = snapshot(self.tmp.path(), &["root"]);
+        let after = snapshot(self.tmp.path(), &["root", "scratch"]);
         assert_eq!(
             self.before, after,
             "the host outside the staging root changed"

@@ -1,0 +1,290 @@
+//! The ext4 builder, checked with e2fsprogs' own tools (`e2fsck -fn`, `debugfs`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use common::{Layer, Sandbox};
+use nanobox_core::ImageConfig;
+use nanobox_oci::{build_ext4, build_rootfs, inject, rootfs, Ext4Options, OciError};
+use tar::EntryType;
+
+fn fsck(image: &Path) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn debugfs(image: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "debugfs {request}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn config() -> ImageConfig {
+    ImageConfig {
+        env: vec![
+            "PATH=/usr/local/bin:/usr/bin:/bin".into(),
+            "LANG=C.UTF-8".into(),
+        ],
+        working_dir: "/app".into(),
+        user: "1000:1000".into(),
+        entrypoint: vec!["/usr/bin/node".into()],
+        cmd: vec!["server.js".into()],
+    }
+}
+
+/// A fake init: its bytes only have to arrive intact.
+fn init_binary(sb: &Sandbox) -> std::path::PathBuf {
+    let path = sb.scratch.join("nanobox-init");
+    fs::write(&path, b"\x7fELF fake init").unwrap();
+    path
+}
+
+fn tight() -> Ext4Options {
+    Ext4Options {
+        headroom_percent: 0,
+        headroom_bytes: 0,
+        min_size_bytes: 0,
+        ..Ext4Options::default()
+    }
+}
+
+#[test]
+fn image_holds_the_tree_the_init_and_the_config() {
+    let sb = Sandbox::new();
+    let mut cap = vec![0u8; 20];
+    cap[0..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+    cap[4..8].copy_from_slice(&(1u32 << 10).to_le_bytes());
+    let layer = Layer::new()
+        .dir("usr", 0o755)
+        .dir("usr/bin", 0o755)
+        .file_owned("usr/bin/su", b"su", 0o4755, 0, 0)
+        .hardlink("usr/bin/su2", "usr/bin/su")
+        .pax(&[("SCHILY.xattr.security.capability", &cap)])
+        .file("usr/bin/ping", b"ping", 0o755)
+        .symlink("bin", "usr/bin")
+        .dir("dev", 0o755)
+        .device("dev/null", EntryType::Char, 1, 3)
+        .fifo("dev/fifo", 0o600)
+        .dir_owned("home", 0o750, 1000, 1000)
+        .tar();
+    sb.apply(vec![layer]).unwrap();
+    inject(&sb.root, &init_binary(&sb), &config()).unwrap();
+    let out = sb.scratch.join("rootfs.ext4");
+    let image = build_ext4(&sb.root, &out, &Ext4Options::default()).unwrap();
+    assert_eq!(fs::metadata(&out).unwrap().len(), image.size_bytes);
+    fsck(&out);
+
+    let json = debugfs(&out, "cat /etc/nanobox/image.json");
+    let parsed: ImageConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(parsed, config());
+    assert_eq!(debugfs(&out, "cat /sbin/nanobox-init"), "\x7fELF fake init");
+    let init = debugfs(&out, "stat /sbin/nanobox-init");
+    assert!(
+        init.contains("Mode:  0755") && init.contains("User:     0"),
+        "{init}"
+    );
+    let su = debugfs(&out, "stat /usr/bin/su");
+    assert!(
+        su.contains("Mode:  04755") && su.contains("Links: 2"),
+        "{su}"
+    );
+    let bin = debugfs(&out, "stat /bin");
+    assert!(
+        bin.contains("Type: symlink") && bin.contains("usr/bin"),
+        "{bin}"
+    );
+    let null = debugfs(&out, "stat /dev/null");
+    assert!(null.contains("character special"), "{null}");
+    let home = debugfs(&out, "stat /home");
+    assert!(
+        home.contains("User:  1000") && home.contains("Mode:  0750"),
+        "{home}"
+    );
+    let ea = debugfs(&out, "ea_list /usr/bin/ping");
+    assert!(ea.contains("security.capability"), "{ea}");
+}
+
+#[test]
+fn size_is_content_plus_headroom_with_a_minimum() {
+    let sb = Sandbox::new();
+    let layer = Layer::new().file("blob", &vec![1; 8 << 20], 0o644).tar();
+    sb.apply(vec![layer]).unwrap();
+    let out = sb.scratch.join("a.ext4");
+    let opts = Ext4Options {
+        headroom_bytes: 32 << 20,
+        min_size_bytes: 0,
+        ..Ext4Options::default()
+    };
+    let image = build_ext4(&sb.root, &out, &opts).unwrap();
+    assert!(image.usage.bytes >= 8 << 20);
+    assert!(image.size_bytes >= (8 << 20) + (32 << 20), "{image:?}");
+    // The promised headroom is free in the finished file system.
+    let header = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let header = String::from_utf8_lossy(&header.stdout).into_owned();
+    let free: u64 = header
+        .lines()
+        .find_map(|l| l.strip_prefix("Free blocks:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(free * 4096 >= 32 << 20, "free {free} blocks");
+    fsck(&out);
+
+    let min = Ext4Options {
+        min_size_bytes: 300 << 20,
+        ..opts
+    };
+    let image = build_ext4(&sb.root, &out, &min).unwrap();
+    assert_eq!(image.size_bytes, 300 << 20);
+    fsck(&out);
+}
+
+#[test]
+fn tight_estimate_fits_many_small_files() {
+    let sb = Sandbox::new();
+    let mut layer = Layer::new();
+    for d in 0..30 {
+        layer = layer.dir(&format!("d{d}"), 0o755);
+        for f in 0..100 {
+            let name = format!("d{d}/file-with-a-longish-name-{f:04}");
+            layer = layer.file(&name, b"x", 0o644);
+        }
+    }
+    sb.apply(vec![layer.tar()]).unwrap();
+    let out = sb.scratch.join("small-files.ext4");
+    let image = build_ext4(&sb.root, &out, &tight()).unwrap();
+    assert!(image.usage.inodes >= 3031, "{image:?}");
+    fsck(&out);
+}
+
+#[test]
+fn tight_estimate_fits_large_files_hardlinks_and_xattrs() {
+    let sb = Sandbox::new();
+    let big_xattr = vec![b'v'; 3000];
+    let layer = Layer::new()
+        .file("big", &vec![3; 40 << 20], 0o644)
+        .hardlink("big2", "big")
+        .pax(&[("SCHILY.xattr.user.big", &big_xattr)])
+        .file("x", b"x", 0o644)
+        .symlink("long-link", &"t".repeat(300))
+        .tar();
+    sb.apply(vec![layer]).unwrap();
+    let out = sb.scratch.join("big.ext4");
+    let image = build_ext4(&sb.root, &out, &tight()).unwrap();
+    // The hardlinked 40 MiB counts once.
+    assert!(image.usage.bytes < 41 << 20, "{image:?}");
+    fsck(&out);
+    let ea = debugfs(&out, "ea_get /x user.big");
+    assert!(ea.contains("vvvv"), "{ea}");
+}
+
+#[test]
+fn inject_never_writes_through_a_symlink_to_the_host() {
+    let sb = Sandbox::new();
+    let layer = Layer::new()
+        .symlink("sbin", &sb.outside_abs())
+        .symlink("etc", "../../../outside")
+        .tar();
+    sb.apply(vec![layer]).unwrap();
+    inject(&sb.root, &init_binary(&sb), &config()).unwrap();
+    sb.assert_outside_untouched();
+    let inside = sb.root.join(sb.outside_abs().trim_start_matches('/'));
+    assert!(inside.join("nanobox-init").is_file());
+    assert!(sb.at("outside/nanobox/image.json").is_file());
+}
+
+#[test]
+fn inject_follows_merged_usr_inside_the_root() {
+    let sb = Sandbox::new();
+    let layer = Layer::new()
+        .dir("usr", 0o755)
+        .dir("usr/sbin", 0o755)
+        .symlink("sbin", "usr/sbin")
+        .file("usr/sbin/nanobox-init", b"old", 0o755)
+        .tar();
+    sb.apply(vec![layer]).unwrap();
+    inject(&sb.root, &init_binary(&sb), &config()).unwrap();
+    assert_eq!(
+        fs::read(sb.at("usr/sbin/nanobox-init")).unwrap(),
+        b"\x7fELF fake init"
+    );
+    let json = fs::read(sb.at(rootfs::IMAGE_CONFIG_PATH.trim_start_matches('/'))).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<ImageConfig>(&json).unwrap(),
+        config()
+    );
+}
+
+#[test]
+fn output_is_replaced_atomically_and_failures_leave_no_temp_files() {
+    let sb = Sandbox::new();
+    sb.apply(vec![Layer::new().file("f", b"f", 0o644).tar()])
+        .unwrap();
+    let dir = sb.scratch.join("out");
+    fs::create_dir(&dir).unwrap();
+    let out = dir.join("t.ext4");
+    fs::write(&out, b"previous").unwrap();
+
+    let broken = Ext4Options {
+        mkfs: "/nonexistent/mkfs.ext4".into(),
+        ..Ext4Options::default()
+    };
+    let err = build_ext4(&sb.root, &out, &broken).unwrap_err();
+    assert!(matches!(err, OciError::Io { .. }), "{err:?}");
+    let failing = Ext4Options {
+        mkfs: "false".into(),
+        ..Ext4Options::default()
+    };
+    let err = build_ext4(&sb.root, &out, &failing).unwrap_err();
+    assert!(matches!(err, OciError::Tool { .. }), "{err:?}");
+    assert_eq!(fs::read(&out).unwrap(), b"previous");
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+
+    build_ext4(&sb.root, &out, &Ext4Options::default()).unwrap();
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+    fsck(&out);
+}
+
+#[tokio::test]
+async fn build_rootfs_runs_off_the_executor() {
+    let sb = Sandbox::new();
+    sb.apply(vec![Layer::new().dir("etc", 0o755).tar()])
+        .unwrap();
+    let out = sb.scratch.join("async.ext4");
+    let image = build_rootfs(
+        sb.root.clone(),
+        init_binary(&sb),
+        config(),
+        out.clone(),
+        Ext4Options::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(image.path, out);
+    fsck(&out);
+    assert!(debugfs(&out, "cat /etc/nanobox/image.json").contains("server.js"));
+}
