@@ -229,3 +229,123 @@ fn the_validator_catches_what_firecracker_would_refuse() {
     assert!(errors.iter().any(|e| e.contains("minimum 3")), "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("uds_path")), "{errors:?}");
 }
+
+/// A stand-in for Firecracker's API socket that records what it receives. It checks the
+/// HTTP the client speaks; the bodies are checked against the schema above.
+async fn api_socket(
+    dir: &Path,
+) -> (
+    std::path::PathBuf,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String, String, Value)>,
+) {
+    use http_body_util::BodyExt;
+    let path = dir.join("api.sock");
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let method = req.method().to_string();
+                            let path = req.uri().path().to_owned();
+                            let ctype = req
+                                .headers()
+                                .get("content-type")
+                                .map(|v| v.to_str().unwrap_or("").to_owned())
+                                .unwrap_or_default();
+                            let body = req.into_body().collect().await.expect("body").to_bytes();
+                            let json: Value = if body.is_empty() {
+                                Value::Null
+                            } else {
+                                serde_json::from_slice(&body).expect("json body")
+                            };
+                            tx.send((method, path.clone(), ctype, json))
+                                .expect("record");
+                            let (status, reply) = match path.as_str() {
+                                "/" => (
+                                    200,
+                                    r#"{"app_name":"Firecracker","id":"anonymous-instance","state":"Not started","vmm_version":"1.10.1"}"#,
+                                ),
+                                "/drives/bad" => {
+                                    (400, r#"{"fault_message":"The drive path is invalid"}"#)
+                                }
+                                _ => (204, ""),
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(reply)))
+                                    .expect("response"),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (path, rx)
+}
+
+#[tokio::test]
+async fn the_client_sends_the_plan_as_json_and_reports_faults() {
+    use nanobox_vmm::firecracker::client::ApiClient;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (socket, mut seen) = api_socket(dir.path()).await;
+    let client = ApiClient::new(&socket, std::time::Duration::from_secs(5));
+
+    let info = client.instance_info().await.expect("info");
+    assert_eq!(info.state, "Not started");
+    let (method, path, _, body) = seen.recv().await.expect("GET /");
+    assert_eq!(
+        (method.as_str(), path.as_str(), body),
+        ("GET", "/", Value::Null)
+    );
+
+    let spec = VmSpec::new(
+        "fc",
+        "/k/vmlinux",
+        DriveSpec::writable("/d/root.ext4"),
+        "/run/fc",
+    );
+    let plan = boot_requests(&spec, Path::new("/run/fc/v.sock")).expect("plan");
+    for request in &plan {
+        client.send(request).await.expect("send");
+        let (method, path, ctype, body) = seen.recv().await.expect("request");
+        assert_eq!(method, request.method.as_str());
+        assert_eq!(path, request.path);
+        assert_eq!(ctype, "application/json");
+        assert_eq!(body, request.body);
+    }
+
+    let bad = PlannedRequest::new(&Drive {
+        drive_id: "bad".into(),
+        is_root_device: false,
+        is_read_only: true,
+        path_on_host: "/nope".into(),
+        cache_type: None,
+        io_engine: None,
+        rate_limiter: None,
+    })
+    .expect("encode");
+    let err = client.send(&bad).await.expect_err("400");
+    let text = err.to_string();
+    assert!(
+        text.contains("400") && text.contains("The drive path is invalid"),
+        "{text}"
+    );
+
+    // No API socket: a clear error, not a hang.
+    let gone = ApiClient::new(
+        dir.path().join("missing.sock"),
+        std::time::Duration::from_secs(5),
+    );
+    assert!(gone.instance_info().await.is_err());
+}

@@ -9,4 +9,5 @@
 //! The process management (spawn, jailer, actor) joins these in the node-agent work.
 
 pub mod api;
+pub mod client;
 pub mod plan;
