@@ -1,7 +1,12 @@
 //! Test helpers: layer tarballs built in the test (including headers no honest builder
 //! writes), and a tree snapshot for comparing staging directories.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    dead_code,
+    missing_debug_implementations,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -314,4 +319,118 @@ pub fn assert_names(err: &OciError, entry: &str) {
         err.to_string().contains(entry),
         "message {err} does not name {entry}"
     );
+}
+
+/// The hex sha256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One layer of a test image: its blob, its media type, its uncompressed tar.
+#[derive(Debug)]
+pub struct LayerBlob {
+    pub blob: Vec<u8>,
+    pub media_type: &'static str,
+    pub diff: Vec<u8>,
+}
+
+impl LayerBlob {
+    pub fn gzip(layer: Layer) -> Self {
+        let diff = layer.tar();
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&diff).unwrap();
+        Self {
+            blob: enc.finish().unwrap(),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+            diff,
+        }
+    }
+
+    pub fn plain(layer: Layer) -> Self {
+        let diff = layer.tar();
+        Self {
+            blob: diff.clone(),
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+            diff,
+        }
+    }
+
+    pub fn zstd(layer: Layer) -> Self {
+        let diff = layer.tar();
+        Self {
+            blob: zstd::encode_all(&diff[..], 3).unwrap(),
+            media_type: "application/vnd.oci.image.layer.v1.tar+zstd",
+            diff,
+        }
+    }
+}
+
+fn put_blob(dir: &Path, data: &[u8]) -> String {
+    let hex = sha256_hex(data);
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    fs::write(blobs.join(&hex), data).unwrap();
+    format!("sha256:{hex}")
+}
+
+/// Writes an OCI image layout at `dir` holding one image tagged `tag`; returns the
+/// manifest digest.
+pub fn write_oci_layout(dir: &Path, tag: &str, layers: &[LayerBlob]) -> String {
+    fs::create_dir_all(dir).unwrap();
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| format!("sha256:{}", sha256_hex(&l.diff)))
+        .collect();
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/bin:/bin", "LANG=C.UTF-8"],
+            "Entrypoint": ["/usr/bin/tool"],
+            "Cmd": ["--serve"],
+            "WorkingDir": "/home/user",
+            "User": "1000:1000"
+        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let config = serde_json::to_vec(&config).unwrap();
+    let config_digest = put_blob(dir, &config);
+    let layer_descs: Vec<_> = layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "mediaType": l.media_type,
+                "digest": put_blob(dir, &l.blob),
+                "size": l.blob.len(),
+            })
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config.len(),
+        },
+        "layers": layer_descs,
+    });
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let manifest_digest = put_blob(dir, &manifest);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    });
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    manifest_digest
 }
