@@ -3,8 +3,14 @@
 //!
 //! The artefacts are built by `cargo xtask test` (or `cargo xtask setup`), which exports
 //! their paths in `NANOBOX_TEST_KERNEL` and `NANOBOX_TEST_ROOTFS`.
+//!
+//! [`postgres::Postgres`] and [`s3::S3Server`] start private PostgreSQL and S3 (SeaweedFS)
+//! servers for the storage tests; both are installed by `cargo xtask setup`.
 
 #![forbid(unsafe_code)]
+
+pub mod postgres;
+pub mod s3;
 
 use std::path::PathBuf;
 use std::time::Duration;

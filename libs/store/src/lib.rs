@@ -1,0 +1,28 @@
+//! Storage for every NanoBox service: an object store for large immutable blobs (layers,
+//! rootfs images, snapshots) and a Postgres metadata store for the small mutable records
+//! that describe them.
+//!
+//! [`ObjectStore`] is the seam for blobs, with two implementations: [`LocalFsStore`] (a
+//! directory; the embedded default for a single machine) and [`S3Store`] (any S3-compatible
+//! server). Both pass the same [`conformance`] suite. Keys are validated once, as
+//! [`ObjectKey`], so no store ever sees a key that could escape its root.
+//!
+//! `MetadataStore` holds templates and warm-up tasks in Postgres; its schema is versioned
+//! by the embedded migrations under `migrations/`, applied at start-up.
+
+#![forbid(unsafe_code)]
+
+pub mod conformance;
+mod digest;
+mod error;
+mod key;
+mod local;
+mod object;
+mod s3;
+
+pub use digest::{get_file_verified, sha256_file, sha256_hex};
+pub use error::StoreError;
+pub use key::{ObjectKey, MAX_KEY_LEN, MAX_SEGMENT_LEN};
+pub use local::LocalFsStore;
+pub use object::{ObjectMeta, ObjectStore, ObjectSummary, MAX_RANGE_LEN};
+pub use s3::{S3Config, S3Credentials, S3Store};

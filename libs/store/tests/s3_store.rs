@@ -1,0 +1,131 @@
+//! The S3 store against a real SeaweedFS server started by the test kit: the
+//! conformance suite, plus credentials, multipart and error mapping.
+
+use std::path::Path;
+
+use nanobox_store::conformance::Harness;
+use nanobox_store::{ObjectKey, ObjectStore, S3Config, S3Credentials, S3Store, StoreError};
+use nanobox_testkit::s3::S3Server;
+
+struct S3 {
+    store: S3Store,
+    server: S3Server,
+    scratch: tempfile::TempDir,
+}
+
+impl Harness for S3 {
+    fn store(&self) -> &dyn ObjectStore {
+        &self.store
+    }
+    fn scratch(&self) -> &Path {
+        self.scratch.path()
+    }
+}
+
+fn config_for(server: &S3Server, secret: &str) -> S3Config {
+    let mut config = S3Config::new(
+        &server.bucket,
+        &server.region,
+        S3Credentials::Static {
+            access_key_id: server.access_key.clone(),
+            secret_access_key: secret.to_owned(),
+            session_token: None,
+        },
+    );
+    config.endpoint = Some(server.endpoint.clone());
+    config.path_style = true;
+    config
+}
+
+async fn setup() -> S3 {
+    let server = S3Server::start().await;
+    let store =
+        S3Store::new(config_for(&server, &server.secret_key)).unwrap_or_else(|e| panic!("{e}"));
+    store.check().await.unwrap_or_else(|e| panic!("{e}"));
+    S3 {
+        store,
+        server,
+        scratch: tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
+    }
+}
+
+nanobox_store::conformance_tests!(setup);
+
+fn key(s: &str) -> ObjectKey {
+    ObjectKey::new(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A wrong secret is refused by the server and reported as AccessDenied, not retryable.
+#[tokio::test]
+async fn wrong_secret_is_rejected() {
+    let h = setup().await;
+    let bad =
+        S3Store::new(config_for(&h.server, "not-the-secret")).unwrap_or_else(|e| panic!("{e}"));
+    for result in [
+        bad.check().await.map(|_| ()),
+        bad.put_bytes(&key("denied/obj"), bytes::Bytes::from_static(b"x"))
+            .await
+            .map(|_| ()),
+        bad.list("").await.map(|_| ()),
+    ] {
+        match result {
+            Err(e @ StoreError::AccessDenied { .. }) => assert!(!e.is_retryable()),
+            other => panic!("expected AccessDenied, got {other:?}"),
+        }
+    }
+    // Nothing was written.
+    assert!(h.store.head(&key("denied/obj")).await.is_err());
+}
+
+/// The sha256 recorded at upload comes back from head, and a multipart upload leaves no
+/// pending upload behind.
+#[tokio::test]
+async fn multipart_records_digest_and_completes() {
+    let h = setup().await;
+    let src = h.scratch.path().join("mp.in");
+    let data = nanobox_store::conformance::pattern(5, (17 << 20) + 3);
+    std::fs::write(&src, &data).unwrap_or_else(|e| panic!("{e}"));
+    let k = key("mp/obj");
+    let put = h
+        .store
+        .put_file(&k, &src)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = h.store.head(&k).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(head.sha256, put.sha256);
+    assert_eq!(
+        head.sha256.as_deref(),
+        Some(nanobox_store::sha256_hex(&data).as_str())
+    );
+    assert!(head.etag.is_some());
+    let pending = h
+        .store
+        .pending_uploads("mp/")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(pending.is_empty(), "pending uploads: {pending:?}");
+}
+
+/// A server that is not there is a retryable backend error.
+#[tokio::test]
+async fn unreachable_server_is_retryable() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    drop(listener);
+    let mut config = S3Config::new(
+        "bucket",
+        "us-east-1",
+        S3Credentials::Static {
+            access_key_id: "a".into(),
+            secret_access_key: "b".into(),
+            session_token: None,
+        },
+    );
+    config.endpoint = Some(format!("http://127.0.0.1:{port}"));
+    config.path_style = true;
+    let store = S3Store::new(config).unwrap_or_else(|e| panic!("{e}"));
+    match store.head(&key("x")).await {
+        Err(e @ StoreError::Backend { .. }) => assert!(e.is_retryable(), "{e}"),
+        other => panic!("expected a retryable Backend error, got {other:?}"),
+    }
+}
