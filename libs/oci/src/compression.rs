@@ -57,8 +57,16 @@ impl Compression {
     }
 }
 
-/// Why a capped stream stopped, shared between the stream and the code that reads it.
-pub(crate) type LimitHit = Rc<Cell<Option<(LimitKind, u64, u64)>>>;
+/// How a capped stream is doing, shared between the stream and the code that reads it.
+#[derive(Debug, Default)]
+pub(crate) struct StreamState {
+    /// The cap that stopped the stream.
+    pub hit: Cell<Option<(LimitKind, u64, u64)>>,
+    /// The decompressor reached the clean end of its input.
+    pub clean_eof: Cell<bool>,
+}
+
+pub(crate) type LimitHit = Rc<StreamState>;
 
 /// Caps on one decompressed layer stream.
 #[derive(Debug, Clone, Copy)]
@@ -103,10 +111,13 @@ impl Capped {
 
 impl Read for Capped {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.hit.get().is_some() {
+        if self.hit.hit.get().is_some() {
             return Err(io::Error::other("layer stream limit exceeded"));
         }
         let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.hit.clean_eof.set(true);
+        }
         self.out += n as u64;
         let exceeded = if self.out > self.caps.max_bytes {
             Some((LimitKind::LayerSize, self.out, self.caps.max_bytes))
@@ -121,7 +132,7 @@ impl Read for Capped {
             None
         };
         if let Some(hit) = exceeded {
-            self.hit.set(Some(hit));
+            self.hit.hit.set(Some(hit));
             return Err(io::Error::other("layer stream limit exceeded"));
         }
         Ok(n)

@@ -10,7 +10,6 @@
 //! what is at its path (a directory over a directory merges). Directory modes, owners and
 //! times are applied when the layer ends, so read-only directories can still be filled.
 
-use std::cell::Cell;
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
@@ -184,7 +183,7 @@ impl LayerApplier {
         compression: Compression,
     ) -> Result<LayerStats, OciError> {
         let limits = self.options.limits;
-        let hit: LimitHit = Rc::new(Cell::new(None));
+        let hit: LimitHit = Rc::default();
         let caps = StreamCaps {
             max_bytes: limits.max_layer_bytes,
             max_ratio: limits.max_compression_ratio,
@@ -227,13 +226,24 @@ impl LayerApplier {
             .entries()
             .map_err(|source| stream_error(hit, last, source))?;
         for entry in entries {
-            let mut entry = entry.map_err(|source| stream_error(hit, last, source))?;
+            let mut entry = match entry {
+                Ok(entry) => entry,
+                // umoci 0.4.7 writes layers that stop right after the last entry's data
+                // (no padding, no end-of-archive blocks); Go's reader and umoci accept
+                // them. Only a cleanly ended stream qualifies: a truncated gzip or zstd
+                // stream fails in its decoder, and a short entry fails while it is read.
+                Err(err) if hit.clean_eof.get() && hit.hit.get().is_none() && !last.is_empty() => {
+                    tracing::debug!(after = %last, error = %err, "layer ends without an end-of-archive marker");
+                    break;
+                }
+                Err(err) => return Err(stream_error(hit, last, err)),
+            };
             let raw = entry.path_bytes().into_owned();
             *last = String::from_utf8_lossy(&raw).into_owned();
             self.apply_entry(&mut entry, &raw, last, state)
                 .map_err(|err| match err {
                     // A read error inside an entry's data may be a cap firing.
-                    OciError::Apply { source, .. } if hit.get().is_some() => {
+                    OciError::Apply { source, .. } if hit.hit.get().is_some() => {
                         stream_error(hit, last, source)
                     }
                     other => other,
@@ -348,6 +358,15 @@ impl LayerApplier {
                 let written =
                     io::copy(entry, &mut file).map_err(|e| apply_err(name, "writing a file", e))?;
                 state.stats.file_bytes += written;
+                if written < size && kind != EntryType::GNUSparse {
+                    return Err(OciError::Corrupt {
+                        after: name.to_owned(),
+                        source: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the layer ends inside the entry ({written} of {size} bytes)"),
+                        ),
+                    });
+                }
                 drop(file);
                 self.set_meta(&host, &meta, name, false)?;
             }
@@ -634,7 +653,7 @@ fn bad_header(entry: &str, reason: &str) -> OciError {
 
 /// A read error of the stream: a cap that fired, or a corrupt archive.
 fn stream_error(hit: &LimitHit, last: &str, source: io::Error) -> OciError {
-    match hit.get() {
+    match hit.hit.get() {
         Some((kind, value, max)) => limit(last, kind, value, max),
         None => OciError::Corrupt {
             after: last.to_owned(),

@@ -3,17 +3,20 @@
 //! An image's layers are applied in order into a private staging directory
 //! ([`LayerApplier`]), exactly as `umoci unpack` would and without ever writing outside
 //! it, whatever the layers contain; the staging tree then becomes an auto-sized ext4
-//! image with the guest init and the image config injected ([`rootfs`]).
+//! image with the guest init and the image config injected ([`rootfs`]). Images on disk
+//! in the OCI layout are read, with every blob verified, by [`OciLayout`].
 
 #![forbid(unsafe_code)]
 
 mod compression;
 mod error;
+pub mod image;
 pub mod layer;
 pub mod rootfs;
 mod staging;
 
 pub use compression::Compression;
 pub use error::{LimitKind, OciError};
+pub use image::{Descriptor, Manifest, OciLayout, Platform, ResolvedImage, VerifiedBlob};
 pub use layer::{ApplyOptions, LayerApplier, LayerStats, Limits};
 pub use rootfs::{build_ext4, build_rootfs, inject, Ext4Image, Ext4Options, TreeUsage};

@@ -416,3 +416,31 @@ fn totals_count_every_layer() {
     );
     assert!(!sb.at("etc/os-release").exists());
 }
+
+#[test]
+fn layer_ending_right_after_the_last_data_is_accepted_like_umoci_writes_it() {
+    // umoci 0.4.7 `insert` writes such layers: no padding, no end-of-archive blocks.
+    let full = Layer::new().file("a", b"0123456789", 0o644).tar();
+    let cut = full[..512 + 10].to_vec();
+    for (blob, compression) in [
+        (cut.clone(), Compression::None),
+        (zstd::encode_all(&cut[..], 3).unwrap(), Compression::Zstd),
+    ] {
+        let sb = Sandbox::new();
+        let mut applier = LayerApplier::new(&sb.root, ApplyOptions::default()).unwrap();
+        applier
+            .apply(std::io::Cursor::new(blob), compression)
+            .unwrap();
+        assert_eq!(fs::read(sb.at("a")).unwrap(), b"0123456789");
+    }
+    // Cut inside the data: an error naming the entry.
+    let sb = Sandbox::new();
+    let mut applier = LayerApplier::new(&sb.root, ApplyOptions::default()).unwrap();
+    let err = applier
+        .apply(
+            std::io::Cursor::new(full[..512 + 5].to_vec()),
+            Compression::None,
+        )
+        .unwrap_err();
+    assert_eq!(err.entry(), Some("a"), "{err:?}");
+}
