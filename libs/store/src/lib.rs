@@ -7,7 +7,7 @@
 //! server). Both pass the same [`conformance`] suite. Keys are validated once, as
 //! [`ObjectKey`], so no store ever sees a key that could escape its root.
 //!
-//! `MetadataStore` holds templates and warm-up tasks in Postgres; its schema is versioned
+//! [`MetadataStore`] holds templates and warm-up tasks in Postgres; its schema is versioned
 //! by the embedded migrations under `migrations/`, applied at start-up.
 
 #![forbid(unsafe_code)]
@@ -17,6 +17,7 @@ mod digest;
 mod error;
 mod key;
 mod local;
+pub mod metadata;
 mod object;
 mod s3;
 
@@ -24,5 +25,6 @@ pub use digest::{get_file_verified, sha256_file, sha256_hex};
 pub use error::StoreError;
 pub use key::{ObjectKey, MAX_KEY_LEN, MAX_SEGMENT_LEN};
 pub use local::LocalFsStore;
+pub use metadata::{MetadataError, MetadataStore};
 pub use object::{ObjectMeta, ObjectStore, ObjectSummary, MAX_RANGE_LEN};
 pub use s3::{S3Config, S3Credentials, S3Store};
