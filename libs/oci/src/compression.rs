@@ -64,6 +64,11 @@ pub(crate) struct StreamState {
     pub hit: Cell<Option<(LimitKind, u64, u64)>>,
     /// The decompressor reached the clean end of its input.
     pub clean_eof: Cell<bool>,
+    /// The reader is copying an entry's file data (everything else is tar metadata:
+    /// headers, PAX records, GNU long names, padding), which the tar crate buffers whole.
+    pub in_data: Cell<bool>,
+    /// Metadata bytes read since the last entry was handed out.
+    pub meta_run: Cell<u64>,
 }
 
 pub(crate) type LimitHit = Rc<StreamState>;
@@ -76,6 +81,8 @@ pub(crate) struct StreamCaps {
     /// Below this many decompressed bytes the ratio is not checked (tiny layers of
     /// zeros compress absurdly well and are harmless).
     pub ratio_floor: u64,
+    /// Metadata bytes allowed between two entries.
+    pub max_meta: u64,
 }
 
 /// Counts the compressed bytes read from the blob.
@@ -119,8 +126,14 @@ impl Read for Capped {
             self.hit.clean_eof.set(true);
         }
         self.out += n as u64;
+        if !self.hit.in_data.get() {
+            self.hit.meta_run.set(self.hit.meta_run.get() + n as u64);
+        }
+        let meta_run = self.hit.meta_run.get();
         let exceeded = if self.out > self.caps.max_bytes {
             Some((LimitKind::LayerSize, self.out, self.caps.max_bytes))
+        } else if meta_run > self.caps.max_meta {
+            Some((LimitKind::HeaderSize, meta_run, self.caps.max_meta))
         } else if self.compressed_input && self.out > self.caps.ratio_floor {
             let ratio = self.out / self.compressed.get().max(1);
             (ratio > self.caps.max_ratio).then_some((

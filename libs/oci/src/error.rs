@@ -16,6 +16,8 @@ pub enum LimitKind {
     LayerSize,
     /// Decompressed bytes per compressed byte of one layer stream.
     CompressionRatio,
+    /// Bytes of tar metadata (headers, PAX records, long names) before one entry.
+    HeaderSize,
 }
 
 impl std::fmt::Display for LimitKind {
@@ -26,6 +28,7 @@ impl std::fmt::Display for LimitKind {
             Self::PathLength => "path length",
             Self::LayerSize => "decompressed layer size",
             Self::CompressionRatio => "compression ratio",
+            Self::HeaderSize => "tar header size",
         })
     }
 }

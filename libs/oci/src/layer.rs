@@ -32,6 +32,7 @@ use crate::staging::{apply_err, split_entry, DirTimes, Slot, StagingRoot};
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 const XATTR_PAX_PREFIX: &str = "SCHILY.xattr.";
+const COPY_BUFFER: usize = 256 << 10;
 
 /// Resource limits for untrusted layers. The defaults fit real images (a few GiB) with
 /// room to spare; services should set them from their config.
@@ -50,6 +51,9 @@ pub struct Limits {
     pub max_compression_ratio: u64,
     /// See `max_compression_ratio`.
     pub ratio_floor: u64,
+    /// Bytes of tar metadata (headers, PAX records with xattrs, GNU long names) for one
+    /// entry; the tar reader holds them in memory.
+    pub max_header_bytes: u64,
 }
 
 impl Default for Limits {
@@ -61,6 +65,7 @@ impl Default for Limits {
             max_layer_bytes: 32 << 30,
             max_compression_ratio: 1000,
             ratio_floor: 64 << 20,
+            max_header_bytes: 4 << 20,
         }
     }
 }
@@ -109,6 +114,8 @@ pub struct LayerApplier {
     root: StagingRoot,
     options: ApplyOptions,
     total: LayerStats,
+    /// Reused for copying file data (large copies, few system calls).
+    buffer: Vec<u8>,
 }
 
 /// A directory whose metadata is applied when the layer ends.
@@ -137,6 +144,7 @@ struct LayerState {
     dirs: Vec<DeferredDir>,
     times: DirTimes,
     stats: LayerStats,
+    stream: LimitHit,
 }
 
 impl LayerApplier {
@@ -147,6 +155,7 @@ impl LayerApplier {
             root: StagingRoot::new(root, options.follow_parent_symlinks)?,
             options,
             total: LayerStats::default(),
+            buffer: vec![0; COPY_BUFFER],
         })
     }
 
@@ -188,6 +197,7 @@ impl LayerApplier {
             max_bytes: limits.max_layer_bytes,
             max_ratio: limits.max_compression_ratio,
             ratio_floor: limits.ratio_floor,
+            max_meta: limits.max_header_bytes,
         };
         let stream =
             decoder(blob, compression, caps, hit.clone()).map_err(|source| OciError::Corrupt {
@@ -195,7 +205,10 @@ impl LayerApplier {
                 source,
             })?;
         let mut archive = tar::Archive::new(stream);
-        let mut state = LayerState::default();
+        let mut state = LayerState {
+            stream: hit.clone(),
+            ..LayerState::default()
+        };
         let mut last = String::new();
         let result = self.apply_entries(&mut archive, &mut state, &hit, &mut last);
         // Put directory metadata in place even after a failure, so the staging tree
@@ -205,6 +218,8 @@ impl LayerApplier {
         result?;
         finished?;
         let mut stream = archive.into_inner();
+        // Trailing padding after the end-of-archive blocks is no header.
+        hit.in_data.set(true);
         io::copy(&mut stream, &mut io::sink())
             .map_err(|source| stream_error(&hit, &last, source))?;
         stats.stream_bytes = stream.produced();
@@ -238,6 +253,7 @@ impl LayerApplier {
                 }
                 Err(err) => return Err(stream_error(hit, last, err)),
             };
+            hit.meta_run.set(0);
             let raw = entry.path_bytes().into_owned();
             *last = String::from_utf8_lossy(&raw).into_owned();
             self.apply_entry(&mut entry, &raw, last, state)
@@ -355,8 +371,10 @@ impl LayerApplier {
                     .custom_flags(libc_flags())
                     .open(&host)
                     .map_err(|e| apply_err(name, "creating a file", e))?;
-                let written =
-                    io::copy(entry, &mut file).map_err(|e| apply_err(name, "writing a file", e))?;
+                state.stream.in_data.set(true);
+                let copied = copy_data(entry, &mut file, &mut self.buffer);
+                state.stream.in_data.set(false);
+                let written = copied.map_err(|e| apply_err(name, "writing a file", e))?;
                 state.stats.file_bytes += written;
                 if written < size && kind != EntryType::GNUSparse {
                     return Err(OciError::Corrupt {
@@ -628,6 +646,22 @@ pub(crate) fn list_xattrs(path: &Path) -> io::Result<Vec<OsString>> {
             Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Copies an entry's data into a file through `buffer`; returns the bytes copied.
+fn copy_data(from: &mut impl Read, to: &mut File, buffer: &mut [u8]) -> io::Result<u64> {
+    use std::io::Write;
+    let mut total = 0;
+    loop {
+        let n = match from.read(buffer) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buffer[..n])?;
+        total += n as u64;
     }
 }
 

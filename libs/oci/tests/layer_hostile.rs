@@ -437,3 +437,79 @@ fn entry_replacing_the_root_is_refused() {
     assert_names(&err, "./");
     assert!(fs::symlink_metadata(&sb.root).unwrap().is_dir());
 }
+
+#[test]
+fn huge_pax_header_is_refused_before_it_is_buffered() {
+    let sb = Sandbox::new();
+    let opts = ApplyOptions {
+        limits: Limits {
+            max_header_bytes: 1 << 20,
+            ..Limits::default()
+        },
+        ..ApplyOptions::default()
+    };
+    let big = vec![b'x'; 8 << 20];
+    let layer = Layer::new()
+        .file("before", b"ok", 0o644)
+        .pax(&[("SCHILY.xattr.user.bomb", &big)])
+        .file("bomb", b"x", 0o644)
+        .tar();
+    let err = sb.apply_with(vec![layer], opts).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            OciError::LimitExceeded {
+                kind: LimitKind::HeaderSize,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // The bomb's own name is inside the bomb: the error names the entry before it.
+    assert_names(&err, "before");
+    assert!(!sb.at("bomb").exists());
+}
+
+#[test]
+fn huge_gnu_long_name_is_refused() {
+    let sb = Sandbox::new();
+    let opts = ApplyOptions {
+        limits: Limits {
+            max_header_bytes: 1 << 20,
+            ..Limits::default()
+        },
+        ..ApplyOptions::default()
+    };
+    let long = "n/".repeat(2 << 20);
+    let err = sb
+        .apply_with(vec![Layer::new().file(&long, b"x", 0o644).tar()], opts)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            OciError::LimitExceeded {
+                kind: LimitKind::HeaderSize,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn file_data_does_not_count_as_header_bytes() {
+    let sb = Sandbox::new();
+    let opts = ApplyOptions {
+        limits: Limits {
+            max_header_bytes: 64 << 10,
+            ..Limits::default()
+        },
+        ..ApplyOptions::default()
+    };
+    let layer = Layer::new()
+        .file("a", &vec![1; 4 << 20], 0o644)
+        .file("b", &vec![2; 4 << 20], 0o644)
+        .tar();
+    sb.apply_with(vec![layer], opts).unwrap();
+    assert_eq!(fs::metadata(sb.at("b")).unwrap().len(), 4 << 20);
+}
