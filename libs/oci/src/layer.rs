@@ -211,8 +211,8 @@ impl LayerApplier {
         };
         let mut last = String::new();
         let result = self.apply_entries(&mut archive, &mut state, &hit, &mut last);
-        // Put directory metadata in place even after a failure, so the staging tree
-        // can be inspected and removed by an unprivileged process.
+        // Directory metadata goes in place even after a failure: what was applied stays
+        // consistent for inspection (the first error is the one reported).
         let finished = self.finish_layer(state.dirs, state.times);
         let mut stats = state.stats;
         result?;
