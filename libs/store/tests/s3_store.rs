@@ -106,6 +106,50 @@ async fn multipart_records_digest_and_completes() {
     assert!(pending.is_empty(), "pending uploads: {pending:?}");
 }
 
+/// A multipart upload that fails after it started is aborted: no object and no pending
+/// upload stay behind. The source is a FIFO: hashing reads 20 MiB from it (so the upload
+/// goes multipart), but its parts cannot be read back.
+#[tokio::test]
+async fn failed_multipart_upload_is_aborted() {
+    let h = setup().await;
+    let fifo = h.scratch.path().join("source.fifo");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap_or_else(|e| panic!("mkfifo: {e}"));
+    assert!(status.success(), "mkfifo failed");
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            // Blocks until the upload opens the FIFO to hash it.
+            let data = nanobox_store::conformance::pattern(8, 20 << 20);
+            std::fs::write(&fifo, data).unwrap_or_else(|e| panic!("writing the FIFO: {e}"));
+        })
+    };
+    let k = key("abort/obj");
+    let result = h.store.put_file(&k, &fifo).await;
+    writer
+        .join()
+        .unwrap_or_else(|_| panic!("FIFO writer panicked"));
+    assert!(
+        result.is_err(),
+        "upload from an unreadable source succeeded"
+    );
+    let pending = h
+        .store
+        .pending_uploads("abort/")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        pending.is_empty(),
+        "multipart upload not aborted: {pending:?}"
+    );
+    assert!(matches!(
+        h.store.head(&k).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
 /// A server that is not there is a retryable backend error.
 #[tokio::test]
 async fn unreachable_server_is_retryable() {
