@@ -151,6 +151,11 @@ pub async fn large_file_streamed(store: &dyn ObjectStore, scratch: &Path) {
     let dest = scratch.join("large.out");
     let got = must("get_file", store.get_file(&k, &dest)).await;
     assert_eq!(got.size, SIZE);
+    assert_eq!(
+        got.sha256.as_deref(),
+        Some(want_sha.as_str()),
+        "sha256 from get_file"
+    );
     let (got_sha, got_len) = must("hashing download", sha256_file(&dest)).await;
     assert_eq!(got_len, SIZE);
     assert_eq!(got_sha, want_sha, "downloaded content differs");

@@ -264,8 +264,20 @@ impl ObjectStore for LocalFsStore {
             let result = (|| {
                 let context = || format!("writing {}", temp.display());
                 let mut file = File::create(&temp).map_err(|e| StoreError::io(context(), e))?;
-                let size = std::io::copy(&mut source, &mut file)
-                    .map_err(|e| StoreError::io(context(), e))?;
+                let mut hasher = Sha256::new();
+                let mut buf = vec![0u8; COPY_BUF];
+                let mut size = 0u64;
+                loop {
+                    let n = std::io::Read::read(&mut source, &mut buf)
+                        .map_err(|e| StoreError::io(format!("reading {key}"), e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    file.write_all(&buf[..n])
+                        .map_err(|e| StoreError::io(context(), e))?;
+                    size += n as u64;
+                }
                 file.sync_all().map_err(|e| StoreError::io(context(), e))?;
                 std::fs::rename(&temp, &dest)
                     .map_err(|e| StoreError::io(format!("renaming into {}", dest.display()), e))?;
@@ -273,7 +285,7 @@ impl ObjectStore for LocalFsStore {
                     key: key.clone(),
                     size,
                     etag: None,
-                    sha256: None,
+                    sha256: Some(hex::encode(hasher.finalize())),
                 })
             })();
             if result.is_err() {

@@ -54,6 +54,7 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Downloads the object into the local file `dest`. The content is written to a
     /// temporary file beside `dest` and renamed over it only when complete (and, if the
     /// store recorded a sha256 at upload, verified), so `dest` is never half-written.
+    /// The returned meta carries the sha256 of what was written.
     fn get_file<'a>(
         &'a self,
         key: &'a ObjectKey,

@@ -77,6 +77,43 @@ async fn wrong_secret_is_rejected() {
     assert!(h.store.head(&key("denied/obj")).await.is_err());
 }
 
+/// An access key the server does not know is refused too.
+#[tokio::test]
+async fn unknown_access_key_is_rejected() {
+    let h = setup().await;
+    let mut config = config_for(&h.server, &h.server.secret_key);
+    config.credentials = S3Credentials::Static {
+        access_key_id: "AKNOBODY".into(),
+        secret_access_key: h.server.secret_key.clone(),
+        session_token: None,
+    };
+    let bad = S3Store::new(config).unwrap_or_else(|e| panic!("{e}"));
+    match bad.head(&key("anything")).await {
+        Err(StoreError::AccessDenied { .. }) => {}
+        other => panic!("expected AccessDenied, got {other:?}"),
+    }
+}
+
+/// Credentials from the environment are read when the store is created; missing ones
+/// are a configuration error. (Each test runs in its own process under nextest, so
+/// changing the environment here affects no other test.)
+#[tokio::test]
+async fn environment_credentials() {
+    let h = setup().await;
+    let mut config = config_for(&h.server, "unused");
+    config.credentials = S3Credentials::Environment;
+    std::env::remove_var("AWS_ACCESS_KEY_ID");
+    std::env::remove_var("AWS_SECRET_ACCESS_KEY");
+    assert!(matches!(
+        S3Store::new(config.clone()),
+        Err(StoreError::Config(_))
+    ));
+    std::env::set_var("AWS_ACCESS_KEY_ID", &h.server.access_key);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", &h.server.secret_key);
+    let store = S3Store::new(config).unwrap_or_else(|e| panic!("{e}"));
+    store.check().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// The sha256 recorded at upload comes back from head, and a multipart upload leaves no
 /// pending upload behind.
 #[tokio::test]
