@@ -240,8 +240,9 @@ pub fn plan(usage: TreeUsage, options: &Ext4Options) -> (u64, u64) {
     let pct = options.headroom_percent;
     let headroom_bytes = usage.bytes * pct / 100 + options.headroom_bytes;
     // Content inodes plus headroom, and one inode per 16 KiB of free space (mke2fs's
-    // default ratio) for what the sandbox creates. Inode numbers below 11 are reserved.
-    let inodes = usage.inodes + usage.inodes * pct / 100 + headroom_bytes / 16384 + 16;
+    // default ratio) for what the sandbox creates; inodes 1 to 10 are reserved, 11 is
+    // lost+found, and a few spare keep a zero-headroom image usable.
+    let inodes = usage.inodes + usage.inodes * pct / 100 + headroom_bytes / 16384 + 11 + 32;
     let metadata = inodes * INODE_SIZE;
     let mut size = usage.bytes + metadata + headroom_bytes;
     // Bitmaps, group descriptors, reserved GDT blocks, superblock copies.

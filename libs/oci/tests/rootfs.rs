@@ -288,3 +288,57 @@ async fn build_rootfs_runs_off_the_executor() {
     fsck(&out);
     assert!(debugfs(&out, "cat /etc/nanobox/image.json").contains("server.js"));
 }
+
+/// A real directory tree of the host (thousands of files of every size, symlinks,
+/// hardlinks) fits the tight estimate, and the estimate is not wasteful.
+#[test]
+fn tight_estimate_fits_a_real_tree() {
+    let sb = Sandbox::new();
+    let source = ["/usr/lib/python3", "/usr/share/doc", "/etc"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_dir())
+        .unwrap();
+    let copy = Command::new("cp")
+        .arg("-a")
+        .arg(source)
+        .arg(sb.root.join("tree"))
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let out = sb.scratch.join("real.ext4");
+    let image = build_ext4(&sb.root, &out, &tight()).unwrap();
+    fsck(&out);
+    let header = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let header = String::from_utf8_lossy(&header.stdout).into_owned();
+    let field = |name: &str| -> u64 {
+        header
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let free = field("Free blocks:") * 4096;
+    let free_inodes = field("Free inodes:");
+    println!(
+        "{}: content {} MiB in {} inodes; image {} MiB, {} MiB and {} inodes free",
+        source.display(),
+        image.usage.bytes >> 20,
+        image.usage.inodes,
+        image.size_bytes >> 20,
+        free >> 20,
+        free_inodes
+    );
+    // Not wasteful: less than a quarter of the image is left over without headroom.
+    assert!(
+        free < image.size_bytes / 4,
+        "{free} of {}",
+        image.size_bytes
+    );
+}
