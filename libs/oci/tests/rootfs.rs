@@ -342,3 +342,162 @@ fn tight_estimate_fits_a_real_tree() {
         image.size_bytes
     );
 }
+
+/// What `debugfs stat` says about one inode.
+#[derive(Debug, Default)]
+struct Ext4Node {
+    inode: u64,
+    kind: String,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    links: u64,
+    size: u64,
+    mtime: i64,
+    device: Option<(u64, u64)>,
+    fast_link: Option<String>,
+    xattrs: Vec<String>,
+}
+
+fn parse_stat(text: &str) -> Ext4Node {
+    let mut node = Ext4Node::default();
+    let word_after = |line: &str, key: &str| -> Option<String> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split_whitespace().next().map(str::to_owned)
+    };
+    let mut in_xattrs = false;
+    for line in text.lines() {
+        if line.starts_with("Inode:") {
+            node.inode = word_after(line, "Inode:").unwrap().parse().unwrap();
+            let kind = &line[line.find("Type:").unwrap() + 5..line.find("Mode:").unwrap()];
+            node.kind = kind.trim().to_owned();
+            node.mode =
+                u32::from_str_radix(&word_after(line, "Mode:").unwrap(), 8).unwrap() & 0o7777;
+        } else if line.starts_with("User:") {
+            node.uid = word_after(line, "User:").unwrap().parse().unwrap();
+            node.gid = word_after(line, "Group:").unwrap().parse().unwrap();
+            node.size = word_after(line, "Size:").unwrap().parse().unwrap();
+        } else if line.starts_with("Links:") {
+            node.links = word_after(line, "Links:").unwrap().parse().unwrap();
+        } else if line.starts_with(" mtime:") {
+            let hex = word_after(line, "mtime: 0x").unwrap();
+            node.mtime = i64::from_str_radix(hex.split(':').next().unwrap(), 16).unwrap();
+        } else if let Some(rest) = line.strip_prefix("Device major/minor number: ") {
+            let (major, minor) = rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .split_once(':')
+                .unwrap();
+            node.device = Some((major.parse().unwrap(), minor.parse().unwrap()));
+        } else if let Some(rest) = line.strip_prefix("Fast link dest: ") {
+            node.fast_link = Some(rest.trim_matches('"').to_owned());
+        } else if line.starts_with("Extended attributes:") {
+            in_xattrs = true;
+        } else if in_xattrs && line.starts_with("  ") {
+            node.xattrs
+                .push(line.split_whitespace().next().unwrap().to_owned());
+        } else {
+            in_xattrs = false;
+        }
+    }
+    node
+}
+
+/// Every file of the staging tree is in the image as it was: type, mode, owner, size,
+/// hardlinks, device numbers, symlink targets, xattrs, file contents and file mtimes.
+#[test]
+fn image_contents_equal_the_staging_tree() {
+    use std::collections::HashMap;
+    use std::os::unix::fs::MetadataExt;
+
+    let sb = Sandbox::new();
+    sb.apply(common::test_image().into_iter().map(|l| l.diff).collect())
+        .unwrap();
+    inject(&sb.root, &init_binary(&sb), &config()).unwrap();
+    let out = sb.scratch.join("tree.ext4");
+    build_ext4(&sb.root, &out, &Ext4Options::default()).unwrap();
+    fsck(&out);
+
+    let tree = common::snapshot(&sb.root, &[]);
+    let dumps = sb.scratch.join("dumps");
+    fs::create_dir(&dumps).unwrap();
+    let mut script = String::new();
+    for (i, (path, node)) in tree.iter().enumerate() {
+        script.push_str(&format!("stat \"/{path}\"\n"));
+        if node.kind == "file" {
+            script.push_str(&format!("dump \"/{path}\" {}/{i}\n", dumps.display()));
+        }
+    }
+    let script_path = sb.scratch.join("debugfs.cmds");
+    fs::write(&script_path, script).unwrap();
+    let output = debugfs_script(&out, &script_path);
+    let sections: Vec<&str> = output.split("debugfs: stat ").skip(1).collect();
+    assert_eq!(sections.len(), tree.len());
+
+    let mut inode_of_host_ino: HashMap<u64, u64> = HashMap::new();
+    for (i, ((path, node), section)) in tree.iter().zip(&sections).enumerate() {
+        let ext = parse_stat(section);
+        let kind = match node.kind {
+            "dir" => "directory",
+            "file" => "regular",
+            "symlink" => "symlink",
+            "fifo" => "FIFO",
+            "char" => "character special",
+            "block" => "block special",
+            other => other,
+        };
+        assert_eq!(ext.kind, kind, "{path}");
+        assert_eq!(
+            (ext.mode, ext.uid, ext.gid),
+            (node.mode, node.uid, node.gid),
+            "{path}"
+        );
+        let host = fs::symlink_metadata(sb.root.join(path)).unwrap();
+        if node.kind != "dir" {
+            assert_eq!(ext.links, node.nlink, "{path}");
+            assert_eq!(Some(ext.mtime), node.mtime, "{path}");
+            // Hardlinks stay one inode.
+            let first = *inode_of_host_ino.entry(host.ino()).or_insert(ext.inode);
+            assert_eq!(first, ext.inode, "{path} is a hardlink in the tree");
+        }
+        let mut names: Vec<_> = node.xattrs.keys().cloned().collect();
+        names.sort();
+        let mut ext_names = ext.xattrs.clone();
+        ext_names.sort();
+        assert_eq!(ext_names, names, "{path}");
+        match node.kind {
+            "file" => {
+                assert_eq!(ext.size, node.content.len() as u64, "{path}");
+                assert_eq!(
+                    fs::read(dumps.join(i.to_string())).unwrap(),
+                    node.content,
+                    "{path}"
+                );
+            }
+            "symlink" => {
+                let target = node.link.as_ref().unwrap().to_str().unwrap().to_owned();
+                assert_eq!(ext.size, target.len() as u64, "{path}");
+                if target.len() < 60 {
+                    assert_eq!(ext.fast_link.as_deref(), Some(target.as_str()), "{path}");
+                }
+            }
+            "char" | "block" => {
+                let (major, minor) = ext.device.unwrap();
+                assert_eq!(nix::sys::stat::makedev(major, minor), node.rdev, "{path}");
+            }
+            _ => {}
+        }
+    }
+}
+
+fn debugfs_script(image: &Path, script: &Path) -> String {
+    let out = Command::new("debugfs")
+        .arg("-f")
+        .arg(script)
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}

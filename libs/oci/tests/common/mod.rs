@@ -16,6 +16,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nanobox_oci::{ApplyOptions, Compression, LayerApplier, OciError};
+use tar::EntryType;
 
 pub const MTIME: u64 = 1_700_000_000;
 
@@ -433,4 +434,81 @@ pub fn write_oci_layout(dir: &Path, tag: &str, layers: &[LayerBlob]) -> String {
     });
     fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
     manifest_digest
+}
+
+/// A file capability (VFS v2, cap_net_raw permitted and effective).
+pub fn capability() -> Vec<u8> {
+    let mut cap = vec![0u8; 20];
+    cap[0..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+    cap[4..8].copy_from_slice(&(1u32 << 13).to_le_bytes());
+    cap
+}
+
+/// Three layers of a test image that exercise every rule.
+pub fn test_image() -> Vec<LayerBlob> {
+    let cap = capability();
+    let base = Layer::new()
+        .dir("etc", 0o755)
+        .file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n", 0o644)
+        .file("etc/old.conf", b"old", 0o644)
+        .dir("usr", 0o755)
+        .dir("usr/bin", 0o755)
+        .dir("usr/lib", 0o755)
+        .file("usr/bin/tool", b"#!/bin/sh\necho tool\n", 0o755)
+        .hardlink("usr/bin/tool2", "usr/bin/tool")
+        .file_owned("usr/bin/su", b"su", 0o4755, 0, 0)
+        .file_owned("usr/bin/wall", b"wall", 0o2755, 0, 5)
+        .pax(&[("SCHILY.xattr.security.capability", &cap)])
+        .file("usr/bin/ping", b"ping", 0o755)
+        .symlink("usr/bin/dangling", "nowhere")
+        .file("usr/lib/libx.so", b"libx", 0o644)
+        .symlink("bin", "usr/bin")
+        .symlink("lib", "/usr/lib")
+        .dir("var", 0o755)
+        .dir("var/cache", 0o755)
+        .file("var/cache/big", &vec![7; 100_000], 0o644)
+        .dir("opt", 0o755)
+        .file("opt/lower", b"lower", 0o644)
+        .dir("opt/sub", 0o755)
+        .file("opt/sub/lower", b"lower", 0o644)
+        .dir("dev", 0o755)
+        .device("dev/null", EntryType::Char, 1, 3)
+        .device("dev/loop0", EntryType::Block, 7, 0)
+        .fifo("dev/initctl", 0o600)
+        .dir_owned("tmp", 0o1777, 0, 0)
+        .dir("home", 0o755)
+        .dir_owned("home/user", 0o750, 1000, 1000)
+        .pax(&[("SCHILY.xattr.user.note", b"hello")])
+        .file_owned("home/user/.profile", b"export A=1\n", 0o600, 1000, 1000)
+        .file("replace-me-dir", b"file", 0o644)
+        .dir("replace-me-file", 0o755)
+        .file("replace-me-file/inner", b"inner", 0o644);
+    let middle = Layer::new()
+        .whiteout("etc/.wh.old.conf")
+        .whiteout("var/.wh.cache")
+        .dir("opt", 0o700)
+        .whiteout("opt/.wh..wh..opq")
+        .file("opt/upper", b"upper", 0o644)
+        .hardlink("usr/bin/tool3", "usr/bin/tool")
+        .file(
+            "etc/passwd",
+            b"root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+            0o644,
+        )
+        .symlink("usr/lib/libx.so", "libx.so.1")
+        .file("usr/lib/libx.so.1", b"libx1", 0o644)
+        .dir("replace-me-dir", 0o711)
+        .file("replace-me-dir/new", b"new", 0o644)
+        .file("replace-me-file", b"now a file", 0o600);
+    let top = Layer::new()
+        // Through the `lib -> /usr/lib` symlink of the base layer.
+        .file("lib/libz.so", b"libz", 0o644)
+        .dir_owned("home/user", 0o700, 1000, 1000)
+        .whiteout("usr/bin/.wh.tool2")
+        .fifo("tmp/fifo", 0o644);
+    vec![
+        LayerBlob::gzip(base),
+        LayerBlob::plain(middle),
+        LayerBlob::gzip(top),
+    ]
 }
