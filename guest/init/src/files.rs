@@ -29,14 +29,18 @@ fn io_code(e: &std::io::Error) -> ErrorCode {
     }
 }
 
-fn checked_path(path: &str) -> Result<PathBuf, String> {
-    if !path.starts_with('/') {
-        return Err(format!("path {path:?} is not absolute"));
-    }
-    if path.contains('\0') {
-        return Err("path contains a NUL byte".into());
-    }
-    Ok(PathBuf::from(path))
+/// The request's path if it is absolute and NUL-free; otherwise answers the stream with
+/// INVALID_ARGUMENT and returns None.
+async fn checked_path(path: &str, stream: &StreamTx) -> Option<PathBuf> {
+    let problem = if !path.starts_with('/') {
+        format!("path {path:?} is not absolute")
+    } else if path.contains('\0') {
+        "path contains a NUL byte".to_owned()
+    } else {
+        return Some(PathBuf::from(path));
+    };
+    let _ = stream.error(ErrorCode::InvalidArgument, problem).await;
+    None
 }
 
 pub async fn write(
@@ -44,12 +48,8 @@ pub async fn write(
     stream: StreamTx,
     mut rx: mpsc::UnboundedReceiver<Inbound>,
 ) {
-    let path = match checked_path(&req.path) {
-        Ok(p) => p,
-        Err(msg) => {
-            let _ = stream.error(ErrorCode::InvalidArgument, msg).await;
-            return;
-        }
+    let Some(path) = checked_path(&req.path, &stream).await else {
+        return;
     };
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         let _ = stream
@@ -158,12 +158,8 @@ pub async fn read(
     stream: StreamTx,
     mut rx: mpsc::UnboundedReceiver<Inbound>,
 ) {
-    let path = match checked_path(&req.path) {
-        Ok(p) => p,
-        Err(msg) => {
-            let _ = stream.error(ErrorCode::InvalidArgument, msg).await;
-            return;
-        }
+    let Some(path) = checked_path(&req.path, &stream).await else {
+        return;
     };
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
