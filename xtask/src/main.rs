@@ -103,7 +103,8 @@ fn test(guest: &setup::Guest, extra: &[String]) -> anyhow::Result<()> {
     cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .args(extra)
         .env("NANOBOX_TEST_KERNEL", &guest.kernel)
-        .env("NANOBOX_TEST_ROOTFS", &guest.rootfs);
+        .env("NANOBOX_TEST_ROOTFS", &guest.rootfs)
+        .env("NANOBOX_INIT", &guest.init);
     let status = cmd.status().context("running cargo nextest")?;
     anyhow::ensure!(status.success(), "tests failed");
     Ok(())

@@ -91,7 +91,7 @@ impl Guest {
     pub fn print_env(&self) {
         println!("export NANOBOX_TEST_KERNEL={}", self.kernel.display());
         println!("export NANOBOX_TEST_ROOTFS={}", self.rootfs.display());
-        println!("# guest init: {}", self.init.display());
+        println!("export NANOBOX_INIT={}", self.init.display());
     }
 }
 
@@ -254,6 +254,12 @@ fn build_init() -> anyhow::Result<PathBuf> {
         "{} is not statically linked",
         path.display()
     );
+    // A stable copy for `nanobox template build` (its default --init).
+    let cache = cache_dir();
+    std::fs::create_dir_all(&cache)?;
+    let tmp = cache.join(format!("nanobox-init.tmp.{}", std::process::id()));
+    std::fs::copy(&path, &tmp).with_context(|| format!("copying the init to {}", tmp.display()))?;
+    std::fs::rename(&tmp, cache.join("nanobox-init"))?;
     Ok(std::fs::canonicalize(&path)?)
 }
 

@@ -5,6 +5,7 @@
 //! full stack exists: it is the shortest path from "does this image boot?" to an answer.
 
 mod paths;
+mod template_build;
 mod vm_run;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,15 @@ enum Command {
     /// Work with single VMs directly (debugging).
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Work with templates locally, without the services.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateCommand {
+    /// Turn an OCI image into a bootable ext4 rootfs with the guest init injected.
+    Build(template_build::BuildArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -60,6 +70,7 @@ fn main() {
         };
         match cli.command {
             Command::Vm(VmCommand::Run(args)) => vm_run::run(args).await,
+            Command::Template(TemplateCommand::Build(args)) => template_build::run(args).await,
         }
     });
     // Do not wait for the runtime to wind down: stdout is flushed and the VM is gone.

@@ -30,3 +30,11 @@ pub fn vm_run_dir(id: &str) -> PathBuf {
         .unwrap_or_else(std::env::temp_dir);
     base.join(format!("nanobox-{id}"))
 }
+
+/// The guest init `template build` injects when none is given: `$NANOBOX_INIT`, else the
+/// copy `cargo xtask setup` keeps in the cache.
+pub fn default_init() -> PathBuf {
+    std::env::var_os("NANOBOX_INIT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("nanobox-init"))
+}

@@ -1,0 +1,165 @@
+//! `nanobox template build`: the warm-up pipeline on one machine, without any service.
+//!
+//! Reads an image, applies its layers in order into a private staging directory, injects
+//! the guest init and the image config, and writes an auto-sized ext4 image plus the
+//! config beside it as `<out>.config.json`. Useful for debugging images and for CI systems
+//! that pre-build templates.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use nanobox_oci::{build_rootfs, ApplyOptions, Ext4Options, LayerApplier, OciLayout, Platform};
+
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// The image: `oci-layout:<dir>[:<tag>]` (an OCI image layout on disk).
+    image: String,
+    /// Where to write the ext4 image.
+    #[arg(short = 'o', long = "output")]
+    output: PathBuf,
+    /// The guest init to inject as /sbin/nanobox-init. Default: $NANOBOX_INIT, else the
+    /// copy kept by `cargo xtask setup`.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Free space to leave in the image beyond its contents, in MiB.
+    #[arg(long, default_value_t = 64)]
+    headroom_mb: u64,
+}
+
+/// Where an image comes from.
+#[derive(Debug, PartialEq, Eq)]
+enum ImageSource {
+    OciLayout { dir: PathBuf, tag: Option<String> },
+}
+
+fn parse_source(reference: &str) -> anyhow::Result<ImageSource> {
+    if let Some(rest) = reference.strip_prefix("oci-layout:") {
+        // The tag follows the last ':' after the last '/', so directories may contain ':'.
+        let (dir, tag) = match rest.rsplit_once(':') {
+            Some((dir, tag)) if !tag.contains('/') && !tag.is_empty() => {
+                (dir, Some(tag.to_owned()))
+            }
+            _ => (rest, None),
+        };
+        anyhow::ensure!(!dir.is_empty(), "oci-layout: needs a directory");
+        return Ok(ImageSource::OciLayout {
+            dir: PathBuf::from(dir),
+            tag,
+        });
+    }
+    anyhow::bail!(
+        "unsupported image reference {reference:?}: this build reads `oci-layout:<dir>[:<tag>]` \
+         (registry pulls come with the registry client)"
+    )
+}
+
+pub async fn run(args: BuildArgs) -> i32 {
+    match build(args).await {
+        Ok(()) => 0,
+        Err(e) => {
+            // One line: the reason, with its causes.
+            eprintln!("nanobox: {e:#}");
+            1
+        }
+    }
+}
+
+async fn build(args: BuildArgs) -> anyhow::Result<()> {
+    let ImageSource::OciLayout { dir, tag } = parse_source(&args.image)?;
+    let init = args.init.clone().unwrap_or_else(crate::paths::default_init);
+    anyhow::ensure!(
+        init.is_file(),
+        "guest init {} not found (give --init, set NANOBOX_INIT, or run `cargo xtask setup`)",
+        init.display()
+    );
+    let out_dir = match args.output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // The staging tree lives beside the output: same filesystem, and private to us.
+    let staging = tempfile::Builder::new()
+        .prefix(".nanobox-staging-")
+        .tempdir_in(&out_dir)
+        .with_context(|| format!("creating a staging directory in {}", out_dir.display()))?;
+
+    let resolved = tokio::task::spawn_blocking({
+        let root = staging.path().join("rootfs");
+        move || -> anyhow::Result<_> {
+            let layout =
+                OciLayout::open(&dir).with_context(|| format!("reading {}", dir.display()))?;
+            let resolved = layout
+                .resolve(tag.as_deref(), &Platform::linux_amd64())
+                .context("resolving the image")?;
+            std::fs::create_dir(&root).context("creating the staging root")?;
+            let mut applier = LayerApplier::new(&root, ApplyOptions::default())?;
+            layout
+                .apply(&resolved, &mut applier)
+                .context("applying layers")?;
+            Ok(resolved)
+        }
+    })
+    .await
+    .context("the layer task failed")??;
+
+    let options = Ext4Options {
+        headroom_bytes: args.headroom_mb << 20,
+        ..Ext4Options::default()
+    };
+    let image = build_rootfs(
+        staging.path().join("rootfs"),
+        init,
+        resolved.config.clone(),
+        args.output.clone(),
+        options,
+    )
+    .await
+    .context("building the ext4 image")?;
+
+    let config_path = PathBuf::from(format!("{}.config.json", args.output.display()));
+    let config =
+        serde_json::to_vec_pretty(&resolved.config).context("encoding the image config")?;
+    std::fs::write(&config_path, config)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    eprintln!(
+        "built {} ({} MiB, image {})",
+        image.path.display(),
+        image.size_bytes >> 20,
+        resolved.descriptor.digest
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_oci_layout_references() {
+        assert_eq!(
+            parse_source("oci-layout:/img").expect("ok"),
+            ImageSource::OciLayout {
+                dir: "/img".into(),
+                tag: None
+            }
+        );
+        assert_eq!(
+            parse_source("oci-layout:/img:v1").expect("ok"),
+            ImageSource::OciLayout {
+                dir: "/img".into(),
+                tag: Some("v1".into())
+            }
+        );
+        assert_eq!(
+            parse_source("oci-layout:/a:b/img").expect("ok"),
+            ImageSource::OciLayout {
+                dir: "/a:b/img".into(),
+                tag: None
+            }
+        );
+        assert!(parse_source("oci-layout:").is_err());
+        assert!(parse_source("node:22")
+            .unwrap_err()
+            .to_string()
+            .contains("unsupported"));
+    }
+}

@@ -1,0 +1,161 @@
+//! `nanobox template build` end to end: an OCI image built with umoci becomes an ext4
+//! rootfs that boots, with the image's layers, whiteouts and config in effect.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use nanobox_testkit::GuestArtifacts;
+
+fn sh(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A two-layer image: busybox with a few applets, then a layer that adds a file and
+/// deletes an applet (a whiteout); Env, WorkingDir and Cmd set in its config.
+fn build_image(work: &Path) -> String {
+    let layout = work.join("layout");
+    let image = format!("{}:v1", layout.display());
+    sh(Command::new("umoci")
+        .args(["init", "--layout"])
+        .arg(&layout));
+    sh(Command::new("umoci").args(["new", "--image", &image]));
+
+    let bundle = work.join("bundle1");
+    sh(Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle));
+    let root = bundle.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+    std::fs::create_dir_all(root.join("etc")).expect("mkdir");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy busybox");
+    for applet in ["sh", "echo", "cat", "pwd", "ls", "env"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
+    }
+    sh(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle));
+
+    let bundle = work.join("bundle2");
+    sh(Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle));
+    let root = bundle.join("rootfs");
+    std::fs::write(root.join("etc/greeting"), "from the second layer\n").expect("write");
+    std::fs::remove_file(root.join("bin/env")).expect("rm");
+    sh(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle));
+
+    sh(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        "GREETING=hello-from-oci",
+        "--config.workingdir",
+        "/etc",
+        "--config.cmd",
+        "sh",
+    ]));
+    format!("oci-layout:{image}")
+}
+
+fn nanobox(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nanobox"))
+        .args(args)
+        .output()
+        .expect("nanobox")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn an_oci_image_becomes_a_bootable_rootfs() {
+    let guest = GuestArtifacts::from_env();
+    assert!(
+        std::env::var_os("NANOBOX_INIT").is_some(),
+        "run with `cargo xtask test` (sets NANOBOX_INIT)"
+    );
+    let work = tempfile::tempdir().expect("tempdir");
+    let reference = build_image(work.path());
+    let out = work.path().join("app.ext4");
+
+    let built = nanobox(&[
+        "template",
+        "build",
+        &reference,
+        "-o",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        built.status.success(),
+        "template build: {}",
+        text(&built.stderr)
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&out)
+        .output()
+        .expect("e2fsck");
+    assert!(fsck.status.success(), "e2fsck: {}", text(&fsck.stdout));
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{}.config.json", out.display())).expect("config beside the image"),
+    )
+    .expect("json");
+    assert_eq!(config["working_dir"], "/etc");
+    assert!(config["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .any(|e| e == "GREETING=hello-from-oci"));
+
+    let script =
+        "echo \"$GREETING in $(pwd)\"; cat greeting; ls /bin/env 2>/dev/null || echo env-is-gone";
+    let run = nanobox(&[
+        "vm",
+        "run",
+        "--no-stdin",
+        "--kernel",
+        guest.kernel.to_str().expect("utf-8"),
+        "--rootfs",
+        out.to_str().expect("utf-8"),
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(
+        text(&run.stdout),
+        "hello-from-oci in /etc\nfrom the second layer\nenv-is-gone\n",
+        "stderr: {}",
+        text(&run.stderr)
+    );
+    assert_eq!(run.status.code(), Some(0));
+}
+
+#[test]
+fn bad_references_fail_with_one_line_reasons() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = work.path().join("x.ext4");
+    let out = out.to_str().expect("utf-8");
+    for (reference, want) in [
+        ("oci-layout:/nonexistent/layout:v1", "/nonexistent/layout"),
+        ("docker.io/library/node:22", "unsupported image reference"),
+    ] {
+        let result = nanobox(&["template", "build", reference, "-o", out]);
+        assert_eq!(result.status.code(), Some(1), "{reference}");
+        let err = text(&result.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+        assert!(err.contains(want), "{reference}: {err}");
+    }
+    assert!(!Path::new(out).exists(), "a failed build left an image");
+}
