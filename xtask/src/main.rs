@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Install packages and build the guest kernel, init and test rootfs.
     Setup,
-    /// Set up, boot a guest and run a command in it.
+    /// Set up, warm an OCI image into a template, boot it, run a command in it.
     Demo,
     /// Set up and run every test (extra arguments go to cargo nextest).
     Test {
@@ -69,30 +69,105 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The main job on one machine: an OCI image is warmed into a template (layers applied,
+/// init injected, ext4 built), a microVM boots from it, and a command runs inside.
 fn demo(guest: &setup::Guest) -> anyhow::Result<()> {
     setup::step("building the nanobox command");
     setup::cargo(&["build", "--quiet", "--release", "-p", "nanobox-cli"])?;
-    let script = "echo \"Hello from $(hostname), a NanoBox microVM\"; \
-                  echo \"kernel: $(uname -sr)   cpus: $(nproc)   memory: $(free -m | awk '/Mem:/{print $2}') MiB\"; \
-                  echo \"rootfs: $(cat /etc/nanobox/image.json | head -c 60)...\"";
-    setup::step("booting a guest and running a command in it");
+    let nanobox = std::path::Path::new("target/release/nanobox");
+
+    let work = setup::cache_dir().join("demo");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    setup::step("making a small OCI image (busybox, two layers) with umoci");
+    let reference = demo_image(&work)?;
+
+    let rootfs = work.join("demo.ext4");
+    setup::step("warming it into a template: nanobox template build");
+    println!(
+        "$ nanobox template build {reference} -o {}",
+        rootfs.display()
+    );
+    let status = std::process::Command::new(nanobox)
+        .args(["template", "build", &reference, "-o"])
+        .arg(&rootfs)
+        .arg("--init")
+        .arg(&guest.init)
+        .status()
+        .context("running nanobox template build")?;
+    anyhow::ensure!(status.success(), "template build failed: {status}");
+
+    setup::step("booting a microVM from it and running a command");
+    let script = "echo \"$GREETING from $(hostname), a NanoBox microVM\"; \
+                  echo \"kernel $(uname -r), $(nproc) vCPU, $(free -m | awk '/Mem:/{print $2}') MiB\"; \
+                  cat /etc/motd";
     println!(
         "$ nanobox vm run --rootfs {} --timings -- sh -c '...'",
-        guest.rootfs.display()
+        rootfs.display()
     );
-    let status = std::process::Command::new("target/release/nanobox")
+    let status = std::process::Command::new(nanobox)
         .args(["vm", "run", "--no-stdin", "--timings", "--rootfs"])
-        .arg(&guest.rootfs)
+        .arg(&rootfs)
         .arg("--kernel")
         .arg(&guest.kernel)
         .args(["--", "sh", "-c", script])
         .status()
-        .context("running target/release/nanobox")?;
+        .context("running nanobox vm run")?;
     anyhow::ensure!(status.success(), "the demo command failed: {status}");
-    println!(
-        "\nThe line above with agent_ready_ms is the boot time (process start to agent ready)."
+    println!("\n(agent_ready_ms: process start to guest agent ready; exec_done_ms: to the command's result)");
+    Ok(())
+}
+
+fn run_tool(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// Builds `<work>/layout` with umoci: busybox in one layer, a message in a second, and
+/// an environment in the config. Returns the `oci-layout:` reference.
+fn demo_image(work: &std::path::Path) -> anyhow::Result<String> {
+    let layout = work.join("layout");
+    let image = format!("{}:demo", layout.display());
+    let umoci = || std::process::Command::new("umoci");
+    run_tool(umoci().args(["init", "--layout"]).arg(&layout))?;
+    run_tool(umoci().args(["new", "--image", &image]))?;
+    for (n, layer) in ["busybox", "message"].iter().enumerate() {
+        let bundle = work.join(format!("bundle{n}"));
+        run_tool(umoci().args(["unpack", "--image", &image]).arg(&bundle))?;
+        let root = bundle.join("rootfs");
+        if *layer == "busybox" {
+            std::fs::create_dir_all(root.join("bin"))?;
+            std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+            let out = std::process::Command::new("/bin/busybox")
+                .arg("--list")
+                .output()?;
+            for applet in String::from_utf8_lossy(&out.stdout).lines() {
+                if applet != "busybox" && applet != "init" {
+                    std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+                }
+            }
+        } else {
+            std::fs::create_dir_all(root.join("etc"))?;
+            std::fs::write(
+                root.join("etc/motd"),
+                "This rootfs was an OCI image a moment ago.\n",
+            )?;
+        }
+        run_tool(umoci().args(["repack", "--image", &image]).arg(&bundle))?;
+    }
+    run_tool(umoci().args([
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        "GREETING=Hello",
+    ]))?;
+    Ok(format!("oci-layout:{image}"))
 }
 
 fn test(guest: &setup::Guest, extra: &[String]) -> anyhow::Result<()> {
