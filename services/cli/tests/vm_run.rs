@@ -117,3 +117,55 @@ fn nanobox_failures_are_status_125_with_a_reason() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn persist_writes_through_and_the_default_overlay_does_not() {
+    let guest = GuestArtifacts::from_env();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("root.ext4");
+    let status = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&guest.rootfs)
+        .arg(&disk)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nanobox"))
+            .args(["vm", "run", "--no-stdin", "--kernel"])
+            .arg(&guest.kernel)
+            .arg("--rootfs")
+            .arg(&disk)
+            .args(args)
+            .output()
+            .expect("nanobox")
+    };
+    // Without --persist the image is untouched...
+    let out = run(&["--", "sh", "-c", "echo scratch > /root/scratch"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // ...with it, the guest syncs and powers off, and the write is there next boot.
+    let out = run(&["--persist", "--", "sh", "-c", "echo kept > /root/kept"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = run(&[
+        "--",
+        "sh",
+        "-c",
+        "cat /root/kept; ls /root/scratch 2>/dev/null || echo no-scratch",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "kept\nno-scratch\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&disk)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "image not clean after --persist: {}",
+        text(&fsck.stdout)
+    );
+}
