@@ -30,6 +30,9 @@ const PACKAGES: &[&str] = &[
     "umoci",
     "skopeo",
     "zstd",
+    // A private OCI registry for the registry client tests; htpasswd for its basic auth.
+    "docker-registry",
+    "apache2-utils",
 ];
 
 /// Target triple of the static guest init.

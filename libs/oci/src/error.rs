@@ -102,6 +102,9 @@ pub enum OciError {
     /// An external tool (mkfs.ext4) failed; `stderr` is its last output.
     #[error("{tool} failed: {stderr}")]
     Tool { tool: &'static str, stderr: String },
+    /// Pulling from a registry failed.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     /// Any other I/O failure, with what was being done.
     #[error("{context} ({path})", path = path.display())]
     Io {
@@ -133,10 +136,13 @@ impl OciError {
 
     /// True when the input itself is bad or hostile (retrying cannot help).
     pub fn is_bad_input(&self) -> bool {
-        !matches!(
-            self,
-            Self::Apply { .. } | Self::Io { .. } | Self::Tool { .. }
-        )
+        match self {
+            Self::Registry(e) => !e.is_retryable(),
+            _ => !matches!(
+                self,
+                Self::Apply { .. } | Self::Io { .. } | Self::Tool { .. }
+            ),
+        }
     }
 
     pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {

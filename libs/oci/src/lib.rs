@@ -4,7 +4,8 @@
 //! ([`LayerApplier`]), exactly as `umoci unpack` would and without ever writing outside
 //! it, whatever the layers contain; the staging tree then becomes an auto-sized ext4
 //! image with the guest init and the image config injected ([`rootfs`]). Images on disk
-//! in the OCI layout are read, with every blob verified, by [`OciLayout`].
+//! in the OCI layout are read, with every blob verified, by [`OciLayout`]; images in
+//! registries are pulled into such a layout by [`RegistryClient`].
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ mod compression;
 mod error;
 pub mod image;
 pub mod layer;
+pub mod registry;
 pub mod rootfs;
 mod staging;
 
@@ -19,4 +21,8 @@ pub use compression::Compression;
 pub use error::{LimitKind, OciError};
 pub use image::{Descriptor, Manifest, OciLayout, Platform, ResolvedImage, VerifiedBlob};
 pub use layer::{ApplyOptions, LayerApplier, LayerStats, Limits};
+pub use registry::{
+    Credentials, DockerConfig, PullReport, PulledImage, Reference, RegistryClient, RegistryError,
+    RegistryOptions,
+};
 pub use rootfs::{build_ext4, build_rootfs, inject, Ext4Image, Ext4Options, TreeUsage};

@@ -6,10 +6,12 @@
 //!
 //! [`postgres::Postgres`] and [`s3::S3Server`] start private PostgreSQL and S3 (SeaweedFS)
 //! servers for the storage tests; both are installed by `cargo xtask setup`.
+//! [`registry::Registry`] starts a private OCI registry (Debian's `docker-registry`).
 
 #![forbid(unsafe_code)]
 
 pub mod postgres;
+pub mod registry;
 pub mod s3;
 
 use std::path::PathBuf;

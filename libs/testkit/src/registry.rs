@@ -1,0 +1,230 @@
+//! A private OCI registry for tests: Debian's `docker-registry` (CNCF distribution)
+//! serving plain HTTP on 127.0.0.1 with filesystem storage in a temporary directory,
+//! optionally behind htpasswd basic auth. Dropping the [`Registry`] kills the process and
+//! removes its directory. Images are pushed with `skopeo copy` from OCI layout
+//! directories ([`Registry::push`]).
+//!
+//! `docker-registry`, `skopeo` and `htpasswd` (apache2-utils) are installed by
+//! `cargo xtask setup`; `NANOBOX_DOCKER_REGISTRY` overrides the registry binary.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the registry may take to answer `GET /v2/`. A hang guard: it is up in a few
+/// tens of milliseconds on an idle machine.
+pub const REGISTRY_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The manifest format `skopeo copy` writes into the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushFormat {
+    /// OCI manifests (and indexes), as in the source layout.
+    Oci,
+    /// Docker schema 2 (`skopeo --format v2s2`).
+    DockerV2s2,
+}
+
+/// A running registry.
+#[derive(Debug)]
+pub struct Registry {
+    /// `127.0.0.1:PORT`, as image references name it.
+    pub host: String,
+    /// The user and password when started with [`Registry::start_with_auth`].
+    pub credentials: Option<(String, String)>,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts an anonymous registry.
+    pub fn start() -> Self {
+        Self::start_inner(None)
+    }
+
+    /// Starts a registry that requires basic auth with `user` and `password`.
+    pub fn start_with_auth(user: &str, password: &str) -> Self {
+        Self::start_inner(Some((user.to_owned(), password.to_owned())))
+    }
+
+    fn start_inner(credentials: Option<(String, String)>) -> Self {
+        let mut last_failure = String::new();
+        // A port picked free can be taken before the registry binds it: retry.
+        for _ in 0..3 {
+            match Self::try_start(credentials.clone()) {
+                Ok(registry) => return registry,
+                Err(failure) => last_failure = failure,
+            }
+        }
+        panic!("docker-registry did not start: {last_failure}");
+    }
+
+    fn try_start(credentials: Option<(String, String)>) -> Result<Self, String> {
+        let binary = std::env::var_os("NANOBOX_DOCKER_REGISTRY")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/bin/docker-registry"));
+        if !binary.is_file() {
+            panic!(
+                "{} not found: run `cargo xtask setup` (it installs Debian's docker-registry) \
+                 or set NANOBOX_DOCKER_REGISTRY",
+                binary.display()
+            );
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("nanobox-registry-")
+            .tempdir()
+            .map_err(|e| format!("temp dir: {e}"))?;
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port on 127.0.0.1: {e}"))?
+            .port();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+        let auth = match &credentials {
+            Some((user, password)) => {
+                let htpasswd = dir.path().join("htpasswd");
+                let out = Command::new("htpasswd")
+                    .args(["-Bbn", user, password])
+                    .output()
+                    .map_err(|e| {
+                        format!("htpasswd (apache2-utils; run `cargo xtask setup`): {e}")
+                    })?;
+                if !out.status.success() {
+                    return Err(format!(
+                        "htpasswd failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+                std::fs::write(&htpasswd, &out.stdout).map_err(|e| format!("htpasswd: {e}"))?;
+                format!(
+                    "auth:\n  htpasswd:\n    realm: nanobox-test\n    path: {}\n",
+                    htpasswd.display()
+                )
+            }
+            None => String::new(),
+        };
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+             delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            data.display()
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).map_err(|e| format!("config.yml: {e}"))?;
+        let log_path = dir.path().join("registry.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| format!("log: {e}"))?;
+        let log_err = log.try_clone().map_err(|e| format!("log: {e}"))?;
+        let child = Command::new(&binary)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| format!("spawning {}: {e}", binary.display()))?;
+        let mut registry = Self {
+            host: format!("127.0.0.1:{port}"),
+            credentials,
+            child,
+            dir,
+        };
+        let deadline = Instant::now() + REGISTRY_START_TIMEOUT;
+        loop {
+            // 200 anonymous, 401 with auth: either way the API is up.
+            if let Ok(200 | 401) = registry.get_status("/v2/") {
+                return Ok(registry);
+            }
+            if let Ok(Some(status)) = registry.child.try_wait() {
+                return Err(format!(
+                    "docker-registry exited with {status}: {}",
+                    registry.log_tail()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "GET /v2/ did not answer within {REGISTRY_START_TIMEOUT:?}; log: {}",
+                    registry.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The HTTP status of an anonymous GET of `path` (HTTP/1.0, so the server closes).
+    pub fn get_status(&self, path: &str) -> std::io::Result<u16> {
+        let mut stream = TcpStream::connect(&self.host)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.host)?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head)?;
+        std::str::from_utf8(&head[9..12])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other("not an HTTP status line"))
+    }
+
+    /// Pushes the image tagged `tag` in the OCI layout `layout` as `name:dest_tag`
+    /// (`skopeo copy --all`, so an index is pushed with all its platforms).
+    pub fn push(&self, layout: &Path, tag: &str, name: &str, dest_tag: &str, format: PushFormat) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--all", "--quiet", "--dest-tls-verify=false"]);
+        if format == PushFormat::DockerV2s2 {
+            cmd.args(["--format", "v2s2"]);
+        } else {
+            cmd.arg("--preserve-digests");
+        }
+        if let Some((user, password)) = &self.credentials {
+            cmd.arg(format!("--dest-creds={user}:{password}"));
+        }
+        cmd.arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{name}:{dest_tag}", self.host));
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("skopeo (run `cargo xtask setup`): {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}\nregistry log: {}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+    }
+
+    /// Where the registry stores a blob (to corrupt it in a test).
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.storage_dir()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2.min(hex.len())])
+            .join(hex)
+            .join("data")
+    }
+
+    /// The registry's storage root.
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The end of the registry's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// How many `method` requests for paths containing `fragment` the registry's access
+    /// log holds (one line per request: `... "GET /v2/app/blobs/sha256:... HTTP/1.1" 200`).
+    pub fn requests(&self, method: &str, fragment: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
+        let start = format!("\"{method} /");
+        log.lines()
+            .filter(|l| l.contains(&start) && l.contains(fragment))
+            .count()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
