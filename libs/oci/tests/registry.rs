@@ -510,3 +510,117 @@ fn base64_encode(s: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(s)
 }
+
+#[tokio::test]
+async fn connection_resets_are_retried_and_client_errors_are_not() {
+    // A real listener that accepts and closes every connection at once.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    let work = tempfile::tempdir().unwrap();
+    let client = RegistryClient::new(
+        &work.path().join("cache"),
+        RegistryOptions {
+            plain_http: vec![host.clone()],
+            retries: 2,
+            retry_backoff: std::time::Duration::from_millis(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let err = unwrap_registry(
+        client
+            .pull_str(&format!("{host}/app:v1"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(err.is_retryable(), "{err:?}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+
+    // A 404 is asked once.
+    let registry = Registry::start();
+    let client = RegistryClient::new(&work.path().join("cache2"), options(&registry)).unwrap();
+    let err = client
+        .pull_str(&format!("{}/app:missing", registry.host))
+        .await
+        .unwrap_err();
+    // Not found is the input's fault: callers must not retry it.
+    assert!(err.is_bad_input(), "{err:?}");
+    assert_eq!(registry.requests("GET", "/manifests/missing"), 1);
+}
+
+#[tokio::test]
+async fn size_limits_on_manifests_and_blobs() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    layout(&src, "v1", &gzip_layers());
+    registry.push(&src, "v1", "app", "v1", PushFormat::Oci);
+    let reference = format!("{}/app:v1", registry.host);
+
+    let small_manifests = RegistryClient::new(
+        &work.path().join("c1"),
+        RegistryOptions {
+            max_manifest_size: 100,
+            ..options(&registry)
+        },
+    )
+    .unwrap();
+    let err = unwrap_registry(small_manifests.pull_str(&reference).await.unwrap_err());
+    assert!(
+        matches!(
+            err,
+            RegistryError::TooLarge {
+                what: "manifest",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().ends_with("limit 100"), "{err}");
+
+    let small_blobs = RegistryClient::new(
+        &work.path().join("c2"),
+        RegistryOptions {
+            max_blob_size: 64,
+            ..options(&registry)
+        },
+    )
+    .unwrap();
+    let err = unwrap_registry(small_blobs.pull_str(&reference).await.unwrap_err());
+    assert!(
+        matches!(err, RegistryError::TooLarge { what: "layer", .. }),
+        "{err:?}"
+    );
+    // Refused before any blob was fetched.
+    assert_eq!(registry.requests("GET", "/blobs/"), 0);
+}
+
+#[tokio::test]
+async fn a_damaged_cached_blob_is_downloaded_again() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    layout(&src, "v1", &gzip_layers());
+    registry.push(&src, "v1", "app", "v1", PushFormat::Oci);
+    let reference = format!("{}/app:v1", registry.host);
+    let client = RegistryClient::new(&work.path().join("cache"), options(&registry)).unwrap();
+    let pulled = client.pull_str(&reference).await.unwrap();
+    let layer = &pulled.image.manifest.layers[0];
+    let path = pulled.layout.blob_path(&layer.digest).unwrap();
+    let mut data = fs::read(&path).unwrap();
+    data[0] ^= 0xff;
+    fs::write(&path, data).unwrap();
+
+    let again = client.pull_str(&reference).await.unwrap();
+    assert_eq!(again.report.blobs_downloaded, 1);
+    assert_eq!(again.report.bytes_downloaded, layer.size);
+    assert_applies_like(&again, &src, "v1");
+}
