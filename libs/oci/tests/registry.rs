@@ -624,3 +624,65 @@ async fn a_damaged_cached_blob_is_downloaded_again() {
     assert_eq!(again.report.bytes_downloaded, layer.size);
     assert_applies_like(&again, &src, "v1");
 }
+
+#[tokio::test]
+async fn https_by_default_with_a_trusted_certificate() {
+    let registry = Registry::start_tls();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let digest = layout(&src, "v1", &gzip_layers());
+    registry.push(&src, "v1", "app", "v1", PushFormat::Oci);
+    let reference = format!("{}/app:v1", registry.host);
+
+    // No plain-HTTP opt-in: the client speaks HTTPS and trusts the registry's CA.
+    let trusting = RegistryClient::new(
+        &work.path().join("c1"),
+        RegistryOptions {
+            root_certificates: vec![registry.certificate.clone().unwrap()],
+            retries: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let pulled = trusting.pull_str(&reference).await.unwrap();
+    assert_eq!(pulled.image.descriptor.digest, digest);
+    assert_applies_like(&pulled, &src, "v1");
+
+    // Without the CA the certificate is refused.
+    let untrusting = RegistryClient::new(
+        &work.path().join("c2"),
+        RegistryOptions {
+            retries: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let err = unwrap_registry(untrusting.pull_str(&reference).await.unwrap_err());
+    assert!(matches!(err, RegistryError::Unreachable { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn plain_http_needs_the_opt_in() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    layout(&src, "v1", &gzip_layers());
+    registry.push(&src, "v1", "app", "v1", PushFormat::Oci);
+    let client = RegistryClient::new(
+        &work.path().join("cache"),
+        RegistryOptions {
+            retries: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // HTTPS to a plain-HTTP server fails; the client never falls back to HTTP.
+    let err = unwrap_registry(
+        client
+            .pull_str(&format!("{}/app:v1", registry.host))
+            .await
+            .unwrap_err(),
+    );
+    assert!(matches!(err, RegistryError::Unreachable { .. }), "{err:?}");
+    assert_eq!(registry.requests("GET", "/v2/app/"), 0);
+}

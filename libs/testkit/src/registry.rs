@@ -1,5 +1,6 @@
 //! A private OCI registry for tests: Debian's `docker-registry` (CNCF distribution)
-//! serving plain HTTP on 127.0.0.1 with filesystem storage in a temporary directory,
+//! serving plain HTTP (or HTTPS with a certificate from a private CA) on 127.0.0.1 with
+//! filesystem storage in a temporary directory,
 //! optionally behind htpasswd basic auth. Dropping the [`Registry`] kills the process and
 //! removes its directory. Images are pushed with `skopeo copy` from OCI layout
 //! directories ([`Registry::push`]).
@@ -33,6 +34,9 @@ pub struct Registry {
     pub host: String,
     /// The user and password when started with [`Registry::start_with_auth`].
     pub credentials: Option<(String, String)>,
+    /// The CA certificate (PEM) that signed the server's, when started with
+    /// [`Registry::start_tls`].
+    pub certificate: Option<Vec<u8>>,
     child: Child,
     dir: tempfile::TempDir,
 }
@@ -40,19 +44,25 @@ pub struct Registry {
 impl Registry {
     /// Starts an anonymous registry.
     pub fn start() -> Self {
-        Self::start_inner(None)
+        Self::start_inner(None, false)
     }
 
     /// Starts a registry that requires basic auth with `user` and `password`.
     pub fn start_with_auth(user: &str, password: &str) -> Self {
-        Self::start_inner(Some((user.to_owned(), password.to_owned())))
+        Self::start_inner(Some((user.to_owned(), password.to_owned())), false)
     }
 
-    fn start_inner(credentials: Option<(String, String)>) -> Self {
+    /// Starts an anonymous registry serving HTTPS with a fresh certificate for 127.0.0.1
+    /// from a fresh CA (in [`Registry::certificate`]; made with the `openssl` CLI).
+    pub fn start_tls() -> Self {
+        Self::start_inner(None, true)
+    }
+
+    fn start_inner(credentials: Option<(String, String)>, tls: bool) -> Self {
         let mut last_failure = String::new();
         // A port picked free can be taken before the registry binds it: retry.
         for _ in 0..3 {
-            match Self::try_start(credentials.clone()) {
+            match Self::try_start(credentials.clone(), tls) {
                 Ok(registry) => return registry,
                 Err(failure) => last_failure = failure,
             }
@@ -60,7 +70,7 @@ impl Registry {
         panic!("docker-registry did not start: {last_failure}");
     }
 
-    fn try_start(credentials: Option<(String, String)>) -> Result<Self, String> {
+    fn try_start(credentials: Option<(String, String)>, tls: bool) -> Result<Self, String> {
         let binary = std::env::var_os("NANOBOX_DOCKER_REGISTRY")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/usr/bin/docker-registry"));
@@ -104,9 +114,20 @@ impl Registry {
             }
             None => String::new(),
         };
+        let (certificate, tls_config) = if tls {
+            let (ca, cert, key) = make_certificate(dir.path())?;
+            let config = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            );
+            (Some(ca), config)
+        } else {
+            (None, String::new())
+        };
         let config = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
-             delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+             delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls_config}{auth}",
             data.display()
         );
         let config_path = dir.path().join("config.yml");
@@ -125,13 +146,20 @@ impl Registry {
         let mut registry = Self {
             host: format!("127.0.0.1:{port}"),
             credentials,
+            certificate,
             child,
             dir,
         };
         let deadline = Instant::now() + REGISTRY_START_TIMEOUT;
         loop {
-            // 200 anonymous, 401 with auth: either way the API is up.
-            if let Ok(200 | 401) = registry.get_status("/v2/") {
+            // 200 anonymous, 401 with auth: either way the API is up. Over TLS, the port
+            // accepting connections is what this client can check.
+            let up = if registry.certificate.is_some() {
+                TcpStream::connect(&registry.host).is_ok()
+            } else {
+                matches!(registry.get_status("/v2/"), Ok(200 | 401))
+            };
+            if up {
                 return Ok(registry);
             }
             if let Ok(Some(status)) = registry.child.try_wait() {
@@ -220,6 +248,71 @@ impl Registry {
             .filter(|l| l.contains(&start) && l.contains(fragment))
             .count()
     }
+}
+
+/// A CA (its PEM is returned) and a server certificate for 127.0.0.1 signed by it
+/// (webpki refuses a self-signed CA certificate as a server's own).
+fn make_certificate(dir: &Path) -> Result<(Vec<u8>, PathBuf, PathBuf), String> {
+    let run = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .map_err(|e| format!("openssl: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"],
+        &ec[..],
+        &["-days", "2", "-subj", "/CN=nanobox-test-ca"],
+    ]
+    .concat()
+    .into_iter()
+    .chain(["-keyout", "ca.key", "-out", "ca.pem"])
+    .collect::<Vec<_>>())?;
+    run(&[&["req"], &ec[..], &["-subj", "/CN=127.0.0.1"]]
+        .concat()
+        .into_iter()
+        .chain(["-keyout", "key.pem", "-out", "server.csr"])
+        .collect::<Vec<_>>())?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .map_err(|e| format!("server.ext: {e}"))?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "cert.pem",
+    ])?;
+    let ca = std::fs::read(dir.join("ca.pem")).map_err(|e| format!("ca.pem: {e}"))?;
+    Ok((ca, dir.join("cert.pem"), dir.join("key.pem")))
 }
 
 impl Drop for Registry {

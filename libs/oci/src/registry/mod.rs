@@ -72,6 +72,9 @@ pub struct RegistryOptions {
     pub retry_backoff: Duration,
     /// Connecting to a registry gives up after this long.
     pub connect_timeout: Duration,
+    /// Extra trusted CA certificates (PEM), for registries with a private CA; the
+    /// system's roots are trusted too.
+    pub root_certificates: Vec<Vec<u8>>,
 }
 
 impl Default for RegistryOptions {
@@ -87,6 +90,7 @@ impl Default for RegistryOptions {
             retries: 3,
             retry_backoff: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(10),
+            root_certificates: Vec::new(),
         }
     }
 }
@@ -179,7 +183,12 @@ impl RegistryClient {
             write_atomic(cache_dir, &index, br#"{"schemaVersion":2,"manifests":[]}"#)?;
         }
         let plain_http = options.plain_http.clone();
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        for pem in &options.root_certificates {
+            let certificate = reqwest::Certificate::from_pem(pem).map_err(RegistryError::Client)?;
+            builder = builder.add_root_certificate(certificate);
+        }
+        let http = builder
             .connect_timeout(options.connect_timeout)
             .user_agent(concat!("nanobox/", env!("CARGO_PKG_VERSION")))
             // Blob storage may redirect elsewhere; never from HTTPS down to plain HTTP
