@@ -686,3 +686,49 @@ async fn plain_http_needs_the_opt_in() {
     assert!(matches!(err, RegistryError::Unreachable { .. }), "{err:?}");
     assert_eq!(registry.requests("GET", "/v2/app/"), 0);
 }
+
+#[tokio::test]
+async fn bearer_token_auth_through_the_challenge() {
+    let registry = Registry::start_with_token_auth("carol", "token-password");
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let digest = layout(&src, "v1", &gzip_layers());
+    registry.push(&src, "v1", "team/private", "v1", PushFormat::Oci);
+    let reference = format!("{}/team/private:v1", registry.host);
+    let with = |password: Option<&str>, cache: &str| {
+        let mut options = options(&registry);
+        if let Some(password) = password {
+            options.credentials.insert(
+                registry.host.clone(),
+                nanobox_oci::Credentials::new("carol", password),
+            );
+        }
+        RegistryClient::new(&work.path().join(cache), options).unwrap()
+    };
+
+    let before = registry.tokens_issued();
+    let pulled = with(Some("token-password"), "c1")
+        .pull_str(&reference)
+        .await
+        .unwrap();
+    assert_eq!(pulled.image.descriptor.digest, digest);
+    assert_applies_like(&pulled, &src, "v1");
+    // One token, reused for the manifest and every blob.
+    assert_eq!(registry.tokens_issued() - before, 1);
+
+    let err = unwrap_registry(
+        with(Some("wrong"), "c2")
+            .pull_str(&reference)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "registry {} refused credentials for user \"carol\"",
+            registry.host
+        )
+    );
+    let err = unwrap_registry(with(None, "c3").pull_str(&reference).await.unwrap_err());
+    assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
+}

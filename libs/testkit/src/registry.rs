@@ -37,32 +37,54 @@ pub struct Registry {
     /// The CA certificate (PEM) that signed the server's, when started with
     /// [`Registry::start_tls`].
     pub certificate: Option<Vec<u8>>,
+    /// The token service, when started with [`Registry::start_with_token_auth`].
+    token_server: Option<token::TokenServer>,
     child: Child,
     dir: tempfile::TempDir,
+}
+
+/// How the registry is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Anonymous,
+    Basic,
+    Token,
+    Tls,
 }
 
 impl Registry {
     /// Starts an anonymous registry.
     pub fn start() -> Self {
-        Self::start_inner(None, false)
+        Self::start_inner(None, Mode::Anonymous)
     }
 
     /// Starts a registry that requires basic auth with `user` and `password`.
     pub fn start_with_auth(user: &str, password: &str) -> Self {
-        Self::start_inner(Some((user.to_owned(), password.to_owned())), false)
+        Self::start_inner(Some((user.to_owned(), password.to_owned())), Mode::Basic)
+    }
+
+    /// Starts a registry that requires bearer tokens, from a token service on 127.0.0.1
+    /// that hands them out (signed JWTs the registry verifies) for `user` and `password`.
+    pub fn start_with_token_auth(user: &str, password: &str) -> Self {
+        Self::start_inner(Some((user.to_owned(), password.to_owned())), Mode::Token)
+    }
+
+    /// How many tokens the token service handed out (0 without one).
+    pub fn tokens_issued(&self) -> usize {
+        self.token_server.as_ref().map_or(0, |t| t.issued())
     }
 
     /// Starts an anonymous registry serving HTTPS with a fresh certificate for 127.0.0.1
     /// from a fresh CA (in [`Registry::certificate`]; made with the `openssl` CLI).
     pub fn start_tls() -> Self {
-        Self::start_inner(None, true)
+        Self::start_inner(None, Mode::Tls)
     }
 
-    fn start_inner(credentials: Option<(String, String)>, tls: bool) -> Self {
+    fn start_inner(credentials: Option<(String, String)>, mode: Mode) -> Self {
         let mut last_failure = String::new();
         // A port picked free can be taken before the registry binds it: retry.
         for _ in 0..3 {
-            match Self::try_start(credentials.clone(), tls) {
+            match Self::try_start(credentials.clone(), mode) {
                 Ok(registry) => return registry,
                 Err(failure) => last_failure = failure,
             }
@@ -70,7 +92,7 @@ impl Registry {
         panic!("docker-registry did not start: {last_failure}");
     }
 
-    fn try_start(credentials: Option<(String, String)>, tls: bool) -> Result<Self, String> {
+    fn try_start(credentials: Option<(String, String)>, mode: Mode) -> Result<Self, String> {
         let binary = std::env::var_os("NANOBOX_DOCKER_REGISTRY")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/usr/bin/docker-registry"));
@@ -91,7 +113,14 @@ impl Registry {
             .port();
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+        let mut token_server = None;
         let auth = match &credentials {
+            Some((user, password)) if mode == Mode::Token => {
+                let server = token::TokenServer::start(dir.path(), user, password)?;
+                let config = server.registry_config();
+                token_server = Some(server);
+                config
+            }
             Some((user, password)) => {
                 let htpasswd = dir.path().join("htpasswd");
                 let out = Command::new("htpasswd")
@@ -114,7 +143,7 @@ impl Registry {
             }
             None => String::new(),
         };
-        let (certificate, tls_config) = if tls {
+        let (certificate, tls_config) = if mode == Mode::Tls {
             let (ca, cert, key) = make_certificate(dir.path())?;
             let config = format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
@@ -147,6 +176,7 @@ impl Registry {
             host: format!("127.0.0.1:{port}"),
             credentials,
             certificate,
+            token_server,
             child,
             dir,
         };
@@ -314,6 +344,8 @@ fn make_certificate(dir: &Path) -> Result<(Vec<u8>, PathBuf, PathBuf), String> {
     let ca = std::fs::read(dir.join("ca.pem")).map_err(|e| format!("ca.pem: {e}"))?;
     Ok((ca, dir.join("cert.pem"), dir.join("key.pem")))
 }
+
+mod token;
 
 impl Drop for Registry {
     fn drop(&mut self) {
