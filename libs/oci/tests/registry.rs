@@ -194,14 +194,12 @@ fn put_blob(dir: &Path, data: &[u8]) -> (String, usize) {
     (format!("sha256:{hex}"), data.len())
 }
 
-#[tokio::test]
-async fn index_with_two_platforms_picks_the_configured_one() {
-    let registry = Registry::start();
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    let amd64 = layout(&src, "amd64", &gzip_layers());
+/// A layout tagged `multi` holding an index of an amd64 and an arm64 image; returns
+/// their manifest digests.
+fn multi_platform_layout(src: &Path) -> (String, String) {
+    let amd64 = layout(src, "amd64", &gzip_layers());
     let arm64 = layout(
-        &src,
+        src,
         "arm64",
         &[LayerBlob::gzip(Layer::new().file("arm", b"64", 0o644))],
     );
@@ -224,7 +222,7 @@ async fn index_with_two_platforms_picks_the_configured_one() {
              "size": size(&amd64), "platform": platform("amd64")},
         ],
     });
-    let (index_digest, index_size) = put_blob(&src, &serde_json::to_vec(&nested).unwrap());
+    let (index_digest, index_size) = put_blob(src, &serde_json::to_vec(&nested).unwrap());
     let top = serde_json::json!({
         "schemaVersion": 2,
         "manifests": [{
@@ -234,6 +232,15 @@ async fn index_with_two_platforms_picks_the_configured_one() {
         }],
     });
     fs::write(src.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    (amd64, arm64)
+}
+
+#[tokio::test]
+async fn index_with_two_platforms_picks_the_configured_one() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let (amd64, arm64) = multi_platform_layout(&src);
     registry.push(&src, "multi", "multi", "v1", PushFormat::Oci);
     let reference = format!("{}/multi:v1", registry.host);
 
@@ -731,4 +738,38 @@ async fn bearer_token_auth_through_the_challenge() {
     );
     let err = unwrap_registry(with(None, "c3").pull_str(&reference).await.unwrap_err());
     assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn docker_manifest_list_picks_the_platform() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    multi_platform_layout(&src);
+    registry.push(&src, "multi", "multi", "v1", PushFormat::DockerV2s2);
+    let list = reqwest::Client::new()
+        .get(format!("http://{}/v2/multi/manifests/v1", registry.host))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        list.headers()["content-type"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+
+    let client = RegistryClient::new(&work.path().join("cache"), options(&registry)).unwrap();
+    let pulled = client
+        .pull_str(&format!("{}/multi:v1", registry.host))
+        .await
+        .unwrap();
+    assert_eq!(pulled.image.descriptor.media_type, DOCKER_MANIFEST);
+    assert_eq!(pulled.image.manifest.layers.len(), 3);
+    // The same layers as a single-image layout, for comparison.
+    let single = work.path().join("single");
+    layout(&single, "v1", &gzip_layers());
+    assert_applies_like(&pulled, &single, "v1");
 }
