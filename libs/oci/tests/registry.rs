@@ -773,3 +773,42 @@ async fn docker_manifest_list_picks_the_platform() {
     layout(&single, "v1", &gzip_layers());
     assert_applies_like(&pulled, &single, "v1");
 }
+
+#[tokio::test]
+async fn concurrent_pulls_into_one_cache_keep_every_image() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let names = ["one", "two", "three", "four"];
+    for (i, name) in names.iter().enumerate() {
+        let src = work.path().join(name);
+        let content = format!("image {i}");
+        layout(
+            &src,
+            "v1",
+            &[LayerBlob::gzip(Layer::new().file(
+                "id",
+                content.as_bytes(),
+                0o644,
+            ))],
+        );
+        registry.push(&src, "v1", name, "v1", PushFormat::Oci);
+    }
+    let cache = work.path().join("cache");
+    // One client per image, as separate processes would have.
+    let clients: Vec<RegistryClient> = names
+        .iter()
+        .map(|_| RegistryClient::new(&cache, options(&registry)).unwrap())
+        .collect();
+    let pulls = clients.iter().zip(names).map(|(client, name)| {
+        let reference = format!("{}/{name}:v1", registry.host);
+        async move { client.pull_str(&reference).await }
+    });
+    let pulled: Vec<PulledImage> = futures::future::try_join_all(pulls).await.unwrap();
+    let layout = OciLayout::open(&cache).unwrap();
+    for image in &pulled {
+        let resolved = layout
+            .resolve(Some(&image.reference.to_string()), &Platform::linux_amd64())
+            .unwrap();
+        assert_eq!(resolved, image.image);
+    }
+}

@@ -5,12 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::{reference, RegistryClient, RegistryError, Repo, Target, REF_NAME};
 use crate::error::OciError;
-use crate::image::Descriptor;
+use crate::image::{Descriptor, ResolvedImage};
 
 impl RegistryClient {
     /// Downloads one blob into the cache unless it is there already. Returns the bytes
@@ -151,47 +152,61 @@ impl RegistryClient {
         temp.persist(&path).await
     }
 
-    /// Lists the pulled manifest in the cache's `index.json` under `ref_name`, replacing
-    /// what that name pointed to before.
-    pub(super) async fn record(
+    /// Lists the pulled manifest in the cache's `index.json` under `ref_name` (replacing
+    /// what that name pointed to before) and resolves it from there, re-verifying the
+    /// manifest and config. An exclusive lock on `index.lock` covers both steps, so that
+    /// concurrent pulls into one cache, from any process, lose no entry.
+    pub(super) async fn record_and_resolve(
         &self,
         ref_name: &str,
         media_type: &str,
         digest: &str,
         size: u64,
-    ) -> Result<(), OciError> {
-        let _guard = self.index_lock.lock().await;
-        let path = self.cache.join("index.json");
-        let data = tokio::fs::read(&path)
-            .await
-            .map_err(|e| OciError::io("reading", &path, e))?;
-        let mut index: serde_json::Value = serde_json::from_slice(&data)
-            .map_err(|e| OciError::InvalidLayout(format!("index.json: {e}")))?;
+    ) -> Result<ResolvedImage, OciError> {
         let entry = serde_json::json!({
             "mediaType": media_type,
             "digest": digest,
             "size": size,
             "annotations": { REF_NAME: ref_name },
         });
-        let mut manifests: Vec<serde_json::Value> = index
-            .get("manifests")
-            .and_then(|m| m.as_array())
-            .cloned()
-            .unwrap_or_default();
-        manifests.retain(|m| {
-            m.pointer("/annotations/org.opencontainers.image.ref.name")
-                .and_then(|v| v.as_str())
-                != Some(ref_name)
-        });
-        manifests.push(entry);
-        index["schemaVersion"] = 2.into();
-        index["manifests"] = manifests.into();
-        let bytes = serde_json::to_vec_pretty(&index)
-            .map_err(|e| OciError::InvalidLayout(format!("index.json: {e}")))?;
         let cache = self.cache.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&cache, &path, &bytes))
-            .await
-            .map_err(|e| OciError::io("writing", &self.cache, std::io::Error::other(e)))?
+        let layout = self.layout.clone();
+        let platform = self.options.platform.clone();
+        let ref_name = ref_name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let lock_path = cache.join("index.lock");
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| OciError::io("opening", &lock_path, e))?;
+            let _lock = Flock::lock(lock, FlockArg::LockExclusive)
+                .map_err(|(_, errno)| OciError::io("locking", &lock_path, errno.into()))?;
+            let path = cache.join("index.json");
+            let data = std::fs::read(&path).map_err(|e| OciError::io("reading", &path, e))?;
+            let mut index: serde_json::Value = serde_json::from_slice(&data)
+                .map_err(|e| OciError::InvalidLayout(format!("index.json: {e}")))?;
+            let mut manifests: Vec<serde_json::Value> = index
+                .get("manifests")
+                .and_then(|m| m.as_array())
+                .cloned()
+                .unwrap_or_default();
+            manifests.retain(|m| {
+                m.pointer("/annotations/org.opencontainers.image.ref.name")
+                    .and_then(|v| v.as_str())
+                    != Some(ref_name.as_str())
+            });
+            manifests.push(entry);
+            index["schemaVersion"] = 2.into();
+            index["manifests"] = manifests.into();
+            let bytes = serde_json::to_vec_pretty(&index)
+                .map_err(|e| OciError::InvalidLayout(format!("index.json: {e}")))?;
+            write_atomic(&cache, &path, &bytes)?;
+            layout.resolve(Some(&ref_name), &platform)
+        })
+        .await
+        .map_err(|e| OciError::io("updating", &self.cache, std::io::Error::other(e)))?
     }
 
     pub(super) fn blob_path(&self, digest: &str) -> Result<PathBuf, RegistryError> {

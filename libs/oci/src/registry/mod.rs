@@ -129,8 +129,6 @@ pub struct RegistryClient {
     layout: OciLayout,
     /// `Authorization` values per `registry/repository` (tokens are scoped to one).
     auth: Mutex<HashMap<String, String>>,
-    /// Serialises this client's updates of the cache's `index.json`.
-    index_lock: tokio::sync::Mutex<()>,
 }
 
 /// One repository on one registry, as requests address it.
@@ -216,7 +214,6 @@ impl RegistryClient {
             cache: cache_dir.to_owned(),
             layout: OciLayout::open(cache_dir)?,
             auth: Mutex::new(HashMap::new()),
-            index_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -295,11 +292,9 @@ impl RegistryClient {
         }
 
         let ref_name = reference.to_string();
-        self.record(&ref_name, &media_type, &digest, bytes.len() as u64)
-            .await?;
         let image = self
-            .layout
-            .resolve(Some(&ref_name), &self.options.platform)?;
+            .record_and_resolve(&ref_name, &media_type, &digest, bytes.len() as u64)
+            .await?;
         tracing::info!(
             reference = %reference,
             digest = %image.descriptor.digest,
