@@ -58,7 +58,8 @@ fn main() {
     };
     let code = runtime.block_on(async {
         let telemetry = nanobox_telemetry::TelemetryConfig {
-            default_filter: "warn".into(),
+            // Failures are reported as one line by each command; logs are for RUST_LOG.
+            default_filter: "error".into(),
             ..Default::default()
         };
         let _guard = match nanobox_telemetry::init("nanobox-cli", &telemetry) {

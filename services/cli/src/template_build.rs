@@ -8,11 +8,15 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use nanobox_oci::{build_rootfs, ApplyOptions, Ext4Options, LayerApplier, OciLayout, Platform};
+use nanobox_oci::registry::{DockerConfig, Reference, RegistryClient, RegistryOptions};
+use nanobox_oci::{
+    build_rootfs, ApplyOptions, Ext4Options, LayerApplier, OciLayout, Platform, ResolvedImage,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
-    /// The image: `oci-layout:<dir>[:<tag>]` (an OCI image layout on disk).
+    /// The image: a registry reference (`node:22-alpine` means
+    /// `docker.io/library/node:22-alpine`) or `oci-layout:<dir>[:<tag>]` (a layout on disk).
     image: String,
     /// Where to write the ext4 image.
     #[arg(short = 'o', long = "output")]
@@ -24,12 +28,16 @@ pub struct BuildArgs {
     /// Free space to leave in the image beyond its contents, in MiB.
     #[arg(long, default_value_t = 64)]
     headroom_mb: u64,
+    /// Allow plain HTTP to the image's registry; only for loopback addresses.
+    #[arg(long)]
+    plain_http: bool,
 }
 
 /// Where an image comes from.
 #[derive(Debug, PartialEq, Eq)]
 enum ImageSource {
     OciLayout { dir: PathBuf, tag: Option<String> },
+    Registry(String),
 }
 
 fn parse_source(reference: &str) -> anyhow::Result<ImageSource> {
@@ -47,10 +55,10 @@ fn parse_source(reference: &str) -> anyhow::Result<ImageSource> {
             tag,
         });
     }
-    anyhow::bail!(
-        "unsupported image reference {reference:?}: this build reads `oci-layout:<dir>[:<tag>]` \
-         (registry pulls come with the registry client)"
-    )
+    if reference.starts_with("docker-archive:") {
+        anyhow::bail!("unsupported image reference {reference:?}: docker-archive is not read yet");
+    }
+    Ok(ImageSource::Registry(reference.to_owned()))
 }
 
 pub async fn run(args: BuildArgs) -> i32 {
@@ -65,7 +73,7 @@ pub async fn run(args: BuildArgs) -> i32 {
 }
 
 async fn build(args: BuildArgs) -> anyhow::Result<()> {
-    let ImageSource::OciLayout { dir, tag } = parse_source(&args.image)?;
+    let source = parse_source(&args.image)?;
     let init = args.init.clone().unwrap_or_else(crate::paths::default_init);
     anyhow::ensure!(
         init.is_file(),
@@ -82,20 +90,30 @@ async fn build(args: BuildArgs) -> anyhow::Result<()> {
         .tempdir_in(&out_dir)
         .with_context(|| format!("creating a staging directory in {}", out_dir.display()))?;
 
-    let resolved = tokio::task::spawn_blocking({
-        let root = staging.path().join("rootfs");
-        move || -> anyhow::Result<_> {
+    let (layout, resolved) = match source {
+        ImageSource::OciLayout { dir, tag } => {
             let layout =
                 OciLayout::open(&dir).with_context(|| format!("reading {}", dir.display()))?;
             let resolved = layout
                 .resolve(tag.as_deref(), &Platform::linux_amd64())
                 .context("resolving the image")?;
+            (layout, resolved)
+        }
+        ImageSource::Registry(reference) => pull(&reference, args.plain_http).await?,
+    };
+
+    let root = staging.path().join("rootfs");
+    let config = resolved.config.clone();
+    let digest = resolved.descriptor.digest.clone();
+    tokio::task::spawn_blocking({
+        let root = root.clone();
+        move || -> anyhow::Result<()> {
             std::fs::create_dir(&root).context("creating the staging root")?;
             let mut applier = LayerApplier::new(&root, ApplyOptions::default())?;
             layout
                 .apply(&resolved, &mut applier)
                 .context("applying layers")?;
-            Ok(resolved)
+            Ok(())
         }
     })
     .await
@@ -105,28 +123,51 @@ async fn build(args: BuildArgs) -> anyhow::Result<()> {
         headroom_bytes: args.headroom_mb << 20,
         ..Ext4Options::default()
     };
-    let image = build_rootfs(
-        staging.path().join("rootfs"),
-        init,
-        resolved.config.clone(),
-        args.output.clone(),
-        options,
-    )
-    .await
-    .context("building the ext4 image")?;
+    let image = build_rootfs(root, init, config.clone(), args.output.clone(), options)
+        .await
+        .context("building the ext4 image")?;
 
     let config_path = PathBuf::from(format!("{}.config.json", args.output.display()));
-    let config =
-        serde_json::to_vec_pretty(&resolved.config).context("encoding the image config")?;
+    let config = serde_json::to_vec_pretty(&config).context("encoding the image config")?;
     std::fs::write(&config_path, config)
         .with_context(|| format!("writing {}", config_path.display()))?;
     eprintln!(
         "built {} ({} MiB, image {})",
         image.path.display(),
         image.size_bytes >> 20,
-        resolved.descriptor.digest
+        digest
     );
     Ok(())
+}
+
+/// Pulls `reference` into the shared blob cache (layers already there are not fetched
+/// again) with credentials from ~/.docker/config.json when it exists.
+async fn pull(reference: &str, plain_http: bool) -> anyhow::Result<(OciLayout, ResolvedImage)> {
+    let parsed = Reference::parse(reference).context("parsing the image reference")?;
+    let mut options = RegistryOptions::default();
+    if plain_http {
+        options.plain_http.push(parsed.registry().to_owned());
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let path = PathBuf::from(home).join(".docker/config.json");
+        if path.is_file() {
+            options.docker_config = Some(
+                DockerConfig::load(&path).with_context(|| format!("reading {}", path.display()))?,
+            );
+        }
+    }
+    let cache = crate::paths::cache_dir().join("oci");
+    let client = RegistryClient::new(&cache, options).context("setting up the registry client")?;
+    let pulled = client.pull(&parsed).await.with_context(|| {
+        if !plain_http && nanobox_oci::registry::is_loopback(parsed.registry()) {
+            format!(
+                "pulling {reference} (a plain-HTTP registry on this machine needs --plain-http)"
+            )
+        } else {
+            format!("pulling {reference}")
+        }
+    })?;
+    Ok((pulled.layout, pulled.image))
 }
 
 #[cfg(test)]
@@ -157,9 +198,10 @@ mod tests {
             }
         );
         assert!(parse_source("oci-layout:").is_err());
-        assert!(parse_source("node:22")
-            .unwrap_err()
-            .to_string()
-            .contains("unsupported"));
+        assert_eq!(
+            parse_source("node:22").expect("ok"),
+            ImageSource::Registry("node:22".into())
+        );
+        assert!(parse_source("docker-archive:/x.tar").is_err());
     }
 }

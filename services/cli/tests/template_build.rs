@@ -149,7 +149,8 @@ fn bad_references_fail_with_one_line_reasons() {
     let out = out.to_str().expect("utf-8");
     for (reference, want) in [
         ("oci-layout:/nonexistent/layout:v1", "/nonexistent/layout"),
-        ("docker.io/library/node:22", "unsupported image reference"),
+        ("docker-archive:/tmp/x.tar", "unsupported image reference"),
+        ("Not A Reference!", "image reference"),
     ] {
         let result = nanobox(&["template", "build", reference, "-o", out]);
         assert_eq!(result.status.code(), Some(1), "{reference}");
@@ -158,4 +159,77 @@ fn bad_references_fail_with_one_line_reasons() {
         assert!(err.contains(want), "{reference}: {err}");
     }
     assert!(!Path::new(out).exists(), "a failed build left an image");
+}
+
+#[test]
+fn an_image_pulled_from_a_registry_boots() {
+    use nanobox_testkit::registry::{PushFormat, Registry};
+    let guest = GuestArtifacts::from_env();
+    let work = tempfile::tempdir().expect("tempdir");
+    let reference = build_image(work.path());
+    let layout = reference
+        .strip_prefix("oci-layout:")
+        .and_then(|r| r.rsplit_once(':'))
+        .map(|(dir, _)| dir.to_owned())
+        .expect("layout dir");
+    let registry = Registry::start();
+    registry.push(Path::new(&layout), "v1", "apps/demo", "v1", PushFormat::Oci);
+    let image = format!("{}/apps/demo:v1", registry.host);
+    let out = work.path().join("pulled.ext4");
+    let cache = work.path().join("cache");
+    let build = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nanobox"))
+            .env("NANOBOX_CACHE_DIR", &cache)
+            .args(["template", "build", &image, "-o"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .expect("nanobox")
+    };
+
+    // Plain HTTP is an explicit opt-in, even for a loopback registry.
+    let refused = build(&[]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        text(&refused.stderr).trim_end().lines().count(),
+        1,
+        "{}",
+        text(&refused.stderr)
+    );
+
+    let built = build(&["--plain-http"]);
+    assert!(
+        built.status.success(),
+        "template build: {}",
+        text(&built.stderr)
+    );
+    let run = nanobox(&[
+        "vm",
+        "run",
+        "--no-stdin",
+        "--kernel",
+        guest.kernel.to_str().expect("utf-8"),
+        "--rootfs",
+        out.to_str().expect("utf-8"),
+        "--",
+        "sh",
+        "-c",
+        "echo \"$GREETING\"; cat greeting",
+    ]);
+    assert_eq!(
+        text(&run.stdout),
+        "hello-from-oci\nfrom the second layer\n",
+        "{}",
+        text(&run.stderr)
+    );
+
+    // A second build of the same image takes its layers from the cache.
+    let blob_gets = registry.requests("GET", "/blobs/");
+    let again = build(&["--plain-http"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(
+        registry.requests("GET", "/blobs/"),
+        blob_gets,
+        "layers were downloaded again"
+    );
 }
