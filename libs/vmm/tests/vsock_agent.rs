@@ -14,7 +14,8 @@ use nanobox_guest_client::{connect_firecracker_vsock, AgentClient, ExecRequest, 
 use nanobox_testkit::GuestArtifacts;
 use nanobox_vmm::firecracker::plan::AGENT_VSOCK_PORT;
 
-const GUARD: Duration = Duration::from_secs(90);
+/// Hang guard (generous: a loaded 2-core machine boots TCG guests slowly), never a timing check.
+const GUARD: Duration = Duration::from_secs(240);
 
 fn find_tool(name: &str) -> PathBuf {
     let candidates = std::env::var_os("PATH")
