@@ -24,7 +24,7 @@ use nanobox_vmm::{connect_agent, DriveSpec, Vm, VmBackend, VmSpec};
 /// How long a test waits for a guest to boot. Generous: under TCG on a loaded 2-core
 /// machine with tests running in parallel a boot can take several seconds. This is a
 /// hang guard, not a performance assertion.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// The guest kernel and test rootfs.
 #[derive(Debug, Clone)]
