@@ -30,6 +30,8 @@ const PACKAGES: &[&str] = &[
     "umoci",
     "skopeo",
     "zstd",
+    // The realistic test image (Debian + Node.js) is made with debootstrap.
+    "debootstrap",
     // A private OCI registry for the registry client tests; htpasswd for its basic auth.
     "docker-registry",
     "apache2-utils",

@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod images;
 pub mod postgres;
 pub mod registry;
 pub mod s3;

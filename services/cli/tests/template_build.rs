@@ -233,3 +233,74 @@ fn an_image_pulled_from_a_registry_boots() {
         "layers were downloaded again"
     );
 }
+
+/// The realistic image: Debian bookworm with Node.js, two layers, pushed to a real
+/// registry, warmed into a template and booted; node runs in it.
+#[test]
+fn a_debian_node_image_from_the_registry_runs_node() {
+    use nanobox_testkit::images::{debian_node_layout, DEBIAN_NODE_TAG};
+    use nanobox_testkit::registry::{PushFormat, Registry};
+    let guest = GuestArtifacts::from_env();
+    let layout = debian_node_layout();
+    let registry = Registry::start();
+    registry.push(
+        &layout,
+        DEBIAN_NODE_TAG,
+        "library/node",
+        "22-bookworm",
+        PushFormat::Oci,
+    );
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = work.path().join("node.ext4");
+    let image = format!("{}/library/node:22-bookworm", registry.host);
+    let built = Command::new(env!("CARGO_BIN_EXE_nanobox"))
+        .env("NANOBOX_CACHE_DIR", work.path().join("cache"))
+        .args(["template", "build", &image, "--plain-http", "-o"])
+        .arg(&out)
+        .output()
+        .expect("nanobox");
+    assert!(
+        built.status.success(),
+        "template build: {}",
+        text(&built.stderr)
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&out)
+        .output()
+        .expect("e2fsck");
+    assert!(fsck.status.success(), "e2fsck: {}", text(&fsck.stdout));
+
+    let vm = |cmd: &[&str]| {
+        let mut args = vec![
+            "vm",
+            "run",
+            "--no-stdin",
+            "--memory-mb",
+            "512",
+            "--kernel",
+            guest.kernel.to_str().expect("utf-8"),
+            "--rootfs",
+            out.to_str().expect("utf-8"),
+            "--",
+        ];
+        args.extend_from_slice(cmd);
+        nanobox(&args)
+    };
+    let run = vm(&["node", "-e", "console.log(JSON.stringify({ok:true}))"]);
+    assert_eq!(
+        text(&run.stdout),
+        "{\"ok\":true}\n",
+        "{}",
+        text(&run.stderr)
+    );
+    assert_eq!(run.status.code(), Some(0));
+    // The image's WorkingDir and Env apply to execs.
+    let run = vm(&["node", "index.js"]);
+    let said = text(&run.stdout);
+    assert!(
+        said.starts_with("node v") && said.ends_with("in /app says hello\n"),
+        "{said}: {}",
+        text(&run.stderr)
+    );
+}

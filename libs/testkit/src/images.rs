@@ -1,0 +1,141 @@
+//! Realistic test images built from Debian's packages (there is no Docker Hub here).
+//!
+//! `debian_node_layout` makes a Debian bookworm minbase with Node.js as a two-layer OCI
+//! image layout: the system from `debootstrap` (from the same mirror apt uses), then an
+//! application layer. It is cached under the NanoBox cache directory, keyed by
+//! [`DEBIAN_NODE_VERSION`], and built into a temporary directory that is renamed into place,
+//! so concurrent test processes never see half an image.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Bump when the recipe below changes, so cached images are rebuilt.
+pub const DEBIAN_NODE_VERSION: u32 = 1;
+
+/// The tag of the image in the layout.
+pub const DEBIAN_NODE_TAG: &str = "v1";
+
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("NANOBOX_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join("nanobox")
+}
+
+/// The Debian mirror apt is configured with (deb822 or one-line format).
+fn debian_mirror() -> String {
+    let deb822 =
+        std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    if let Some(uri) = deb822
+        .lines()
+        .filter_map(|l| l.strip_prefix("URIs:"))
+        .flat_map(str::split_whitespace)
+        .find(|u| !u.contains("security"))
+    {
+        return uri.to_owned();
+    }
+    let classic = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    classic
+        .lines()
+        .filter(|l| l.starts_with("deb "))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("http")))
+        .find(|u| !u.contains("security"))
+        .unwrap_or("http://deb.debian.org/debian")
+        .to_owned()
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The cached Debian + Node.js image layout (building it first if needed, ~100 s).
+pub fn debian_node_layout() -> PathBuf {
+    let dir = cache_dir().join("images");
+    let out = dir.join(format!("debian-node-v{DEBIAN_NODE_VERSION}"));
+    if out.join("index.json").is_file() {
+        return out;
+    }
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let work = tempfile::Builder::new()
+        .prefix(".debian-node-")
+        .tempdir_in(&dir)
+        .expect("work dir");
+    build(work.path());
+    // Another process may have finished first: then keep theirs.
+    let layout = work.path().join("layout");
+    if std::fs::rename(&layout, &out).is_err() {
+        assert!(
+            out.join("index.json").is_file(),
+            "could not place {}",
+            out.display()
+        );
+    }
+    out
+}
+
+fn build(work: &Path) {
+    let rootfs = work.join("debootstrap");
+    run(Command::new("debootstrap")
+        .args(["--variant=minbase", "--include=nodejs", "bookworm"])
+        .arg(&rootfs)
+        .arg(debian_mirror()));
+    let layout = work.join("layout");
+    let image = format!("{}:{DEBIAN_NODE_TAG}", layout.display());
+    run(Command::new("umoci")
+        .args(["init", "--layout"])
+        .arg(&layout));
+    run(Command::new("umoci").args(["new", "--image", &image]));
+
+    // Layer 1: the system.
+    let bundle = work.join("bundle1");
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle));
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", rootfs.display()))
+        .arg(bundle.join("rootfs")));
+    run(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle));
+
+    // Layer 2: the application.
+    let bundle = work.join("bundle2");
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle));
+    let app = bundle.join("rootfs/app");
+    std::fs::create_dir_all(&app).expect("mkdir /app");
+    std::fs::write(
+        app.join("index.js"),
+        "console.log(`node ${process.version} in ${process.cwd()} says ${process.env.GREETING}`);\n",
+    )
+    .expect("write index.js");
+    run(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle));
+    run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "--config.env",
+        "GREETING=hello",
+        "--config.workingdir",
+        "/app",
+        "--config.cmd",
+        "node",
+        "--config.cmd",
+        "index.js",
+    ]));
+}
