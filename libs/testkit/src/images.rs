@@ -68,7 +68,7 @@ pub fn debian_node_layout() -> PathBuf {
     let work = tempfile::Builder::new()
         .prefix(".debian-node-")
         .tempdir_in(&dir)
-        .expect("work dir");
+        .unwrap_or_else(|e| panic!("work dir in {}: {e}", dir.display()));
     build(work.path());
     // Another process may have finished first: then keep theirs.
     let layout = work.path().join("layout");
@@ -114,12 +114,12 @@ fn build(work: &Path) {
         .args(["unpack", "--image", &image])
         .arg(&bundle));
     let app = bundle.join("rootfs/app");
-    std::fs::create_dir_all(&app).expect("mkdir /app");
+    std::fs::create_dir_all(&app).unwrap_or_else(|e| panic!("mkdir /app: {e}"));
     std::fs::write(
         app.join("index.js"),
         "console.log(`node ${process.version} in ${process.cwd()} says ${process.env.GREETING}`);\n",
     )
-    .expect("write index.js");
+    .unwrap_or_else(|e| panic!("writing index.js: {e}"));
     run(Command::new("umoci")
         .args(["repack", "--image", &image])
         .arg(&bundle));
