@@ -52,16 +52,7 @@ pub fn workspace_root() -> anyhow::Result<PathBuf> {
         .context("xtask lives one level below the workspace root")
 }
 
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("NANOBOX_CACHE_DIR") {
-        return PathBuf::from(dir);
-    }
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"))
-        .join("nanobox")
-}
+pub use nanobox_core::cache_dir;
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;

@@ -15,17 +15,6 @@ pub const DEBIAN_NODE_VERSION: u32 = 1;
 /// The tag of the image in the layout.
 pub const DEBIAN_NODE_TAG: &str = "v1";
 
-fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("NANOBOX_CACHE_DIR") {
-        return PathBuf::from(dir);
-    }
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"))
-        .join("nanobox")
-}
-
 /// The Debian mirror apt is configured with (deb822 or one-line format).
 fn debian_mirror() -> String {
     let deb822 =
@@ -59,7 +48,7 @@ fn run(cmd: &mut Command) {
 
 /// The cached Debian + Node.js image layout (building it first if needed, ~100 s).
 pub fn debian_node_layout() -> PathBuf {
-    let dir = cache_dir().join("images");
+    let dir = nanobox_core::cache_dir().join("images");
     let out = dir.join(format!("debian-node-v{DEBIAN_NODE_VERSION}"));
     if out.join("index.json").is_file() {
         return out;

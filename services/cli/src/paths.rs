@@ -2,18 +2,7 @@
 
 use std::path::PathBuf;
 
-/// `$NANOBOX_CACHE_DIR`, else `$XDG_CACHE_HOME/nanobox`, else `~/.cache/nanobox`: the same
-/// rule as guest/kernel/build.sh.
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("NANOBOX_CACHE_DIR") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"));
-    base.join("nanobox")
-}
+pub use nanobox_core::cache_dir;
 
 /// The guest kernel `vm run` boots when none is given: `$NANOBOX_KERNEL`, else the newest
 /// build of guest/kernel/build.sh.
