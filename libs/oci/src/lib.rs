@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod compression;
+mod convert;
 mod error;
 pub mod image;
 pub mod layer;
@@ -18,6 +19,7 @@ pub mod rootfs;
 mod staging;
 
 pub use compression::Compression;
+pub use convert::{convert, ConvertEvent, ConvertOptions};
 pub use error::{LimitKind, OciError};
 pub use image::{Descriptor, Manifest, OciLayout, Platform, ResolvedImage, VerifiedBlob};
 pub use layer::{ApplyOptions, LayerApplier, LayerStats, Limits};

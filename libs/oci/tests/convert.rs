@@ -1,0 +1,165 @@
+//! `convert`: a layout image to a finished ext4 in one call, checked with e2fsprogs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use common::{test_image, write_oci_layout, Sandbox};
+use nanobox_oci::{convert, ConvertEvent, ConvertOptions, OciLayout, Platform};
+
+fn fsck(image: &Path) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn debugfs(image: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "debugfs {request}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Names in `dir` that look like leftovers of a conversion.
+fn leftovers(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+type Events = Arc<Mutex<Vec<ConvertEvent>>>;
+
+fn recorder() -> (Events, Arc<dyn Fn(ConvertEvent) + Send + Sync>) {
+    let events: Events = Arc::default();
+    let sink = events.clone();
+    (events, Arc::new(move |e| sink.lock().unwrap().push(e)))
+}
+
+#[tokio::test]
+async fn converts_a_multi_layer_image_reporting_progress_in_order() {
+    let sb = Sandbox::new();
+    let dir = sb.scratch.join("layout");
+    write_oci_layout(&dir, "v1", &test_image());
+    let layout = OciLayout::open(&dir).unwrap();
+    let image = layout
+        .resolve(Some("v1"), &Platform::linux_amd64())
+        .unwrap();
+    let init = sb.scratch.join("nanobox-init");
+    fs::write(&init, b"\x7fELF fake init").unwrap();
+    let work = sb.scratch.join("out");
+    fs::create_dir(&work).unwrap();
+    let out = work.join("rootfs.ext4");
+    // An older image at the path is replaced.
+    fs::write(&out, b"old").unwrap();
+
+    let (events, on_event) = recorder();
+    let built = convert(
+        layout,
+        image.clone(),
+        init,
+        out.clone(),
+        ConvertOptions::default(),
+        on_event,
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(
+        *events.lock().unwrap(),
+        [
+            ConvertEvent::LayerApplied { done: 1, total: 3 },
+            ConvertEvent::LayerApplied { done: 2, total: 3 },
+            ConvertEvent::LayerApplied { done: 3, total: 3 },
+            ConvertEvent::Building,
+        ]
+    );
+    assert_eq!(built.path, out);
+    assert_eq!(fs::metadata(&out).unwrap().len(), built.size_bytes);
+    assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));
+    fsck(&out);
+
+    // The layers' rules, as the ext4 shows them.
+    assert_eq!(debugfs(&out, "cat /sbin/nanobox-init"), "\x7fELF fake init");
+    let config: nanobox_core::ImageConfig =
+        serde_json::from_str(&debugfs(&out, "cat /etc/nanobox/image.json")).unwrap();
+    assert_eq!(config, image.config);
+    assert!(debugfs(&out, "cat /etc/passwd").contains("user:x:1000"));
+    let etc = debugfs(&out, "ls /etc");
+    assert!(!etc.contains("old.conf"), "{etc}");
+    let opt = debugfs(&out, "ls /opt");
+    assert!(opt.contains("upper") && !opt.contains("lower"), "{opt}");
+    assert!(!debugfs(&out, "ls /usr/bin").contains("tool2"));
+    let tool = debugfs(&out, "stat /usr/bin/tool");
+    assert!(tool.contains("Links: 2"), "{tool}");
+    assert_eq!(debugfs(&out, "cat /usr/lib/libz.so"), "libz");
+    let home = debugfs(&out, "stat /home/user");
+    assert!(
+        home.contains("Mode:  0700") && home.contains("User:  1000"),
+        "{home}"
+    );
+    let ping = debugfs(&out, "ea_list /usr/bin/ping");
+    assert!(ping.contains("security.capability"), "{ping}");
+}
+
+#[tokio::test]
+async fn a_failed_conversion_leaves_nothing_behind() {
+    let sb = Sandbox::new();
+    let dir = sb.scratch.join("layout");
+    write_oci_layout(&dir, "v1", &test_image());
+    let layout = OciLayout::open(&dir).unwrap();
+    let image = layout
+        .resolve(Some("v1"), &Platform::linux_amd64())
+        .unwrap();
+    // Corrupt the last layer: its digest no longer matches.
+    let last = layout.blob_path(&image.manifest.layers[2].digest).unwrap();
+    let mut data = fs::read(&last).unwrap();
+    let n = data.len();
+    data[n / 2] ^= 0xff;
+    fs::write(&last, data).unwrap();
+    let init = sb.scratch.join("nanobox-init");
+    fs::write(&init, b"init").unwrap();
+    let work = sb.scratch.join("out");
+    fs::create_dir(&work).unwrap();
+    let out = work.join("rootfs.ext4");
+
+    let (events, on_event) = recorder();
+    let err = convert(
+        layout,
+        image,
+        init,
+        out.clone(),
+        ConvertOptions::default(),
+        on_event,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            nanobox_oci::OciError::DigestMismatch { .. } | nanobox_oci::OciError::Corrupt { .. }
+        ),
+        "{err:?}"
+    );
+    assert!(!events.lock().unwrap().contains(&ConvertEvent::Building));
+    assert!(!out.exists());
+    assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));
+}
