@@ -24,7 +24,7 @@ pub use error::{LimitKind, OciError};
 pub use image::{Descriptor, Manifest, OciLayout, Platform, ResolvedImage, VerifiedBlob};
 pub use layer::{ApplyOptions, LayerApplier, LayerStats, Limits};
 pub use registry::{
-    Credentials, DockerConfig, PullReport, PulledImage, Reference, RegistryClient, RegistryError,
-    RegistryOptions,
+    Credentials, DockerConfig, NoProgress, PullProgress, PullReport, PulledImage, Reference,
+    RegistryClient, RegistryError, RegistryOptions, RemoteImage,
 };
 pub use rootfs::{build_ext4, build_rootfs, inject, Ext4Image, Ext4Options, TreeUsage};

@@ -25,6 +25,6 @@ pub use digest::{get_file_verified, sha256_file, sha256_hex};
 pub use error::StoreError;
 pub use key::{ObjectKey, MAX_KEY_LEN, MAX_SEGMENT_LEN};
 pub use local::LocalFsStore;
-pub use metadata::{MetadataError, MetadataStore};
+pub use metadata::{MetadataError, MetadataStore, RootfsLock};
 pub use object::{ObjectMeta, ObjectStore, ObjectSummary, MAX_RANGE_LEN};
 pub use s3::{S3Config, S3Credentials, S3Store};

@@ -255,7 +255,7 @@ async fn warmup_tasks_progress_and_finish() {
     let (_pg, _config, store) = fresh().await;
     let tmpl = name("python");
     let task = store
-        .create_task(&tmpl, "python:3.12")
+        .create_task(&tmpl, "python:3.12", "linux/amd64")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(task.state, TemplateState::Queued);
@@ -359,7 +359,7 @@ async fn warmup_tasks_progress_and_finish() {
 
     // The latest task of a template is the newest one.
     let second = store
-        .create_task(&tmpl, "python:3.13")
+        .create_task(&tmpl, "python:3.13", "linux/amd64")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let latest = store
@@ -385,4 +385,82 @@ async fn out_of_range_sizes_are_refused() {
         Err(MetadataError::OutOfRange("size_bytes")) => {}
         other => panic!("expected OutOfRange, got {other:?}"),
     }
+}
+
+/// The rootfs lock serialises publishers and deleters of one object across connections,
+/// its changes land only on commit, and a dropped lock rolls back and frees the lock.
+#[tokio::test]
+async fn rootfs_lock_serialises_and_rolls_back() {
+    let (_pg, _config, store) = fresh().await;
+    let key = "rootfs/node.ext4";
+
+    // Dropped without commit: nothing written, and the lock is free again.
+    let mut lock = store.lock_rootfs(key).await.unwrap();
+    lock.upsert_template(&record("node", TemplateState::Ready))
+        .await
+        .unwrap();
+    drop(lock);
+    assert_eq!(store.get_template(&name("node")).await.unwrap(), None);
+
+    let mut first = store.lock_rootfs(key).await.unwrap();
+    first
+        .upsert_template(&record("node", TemplateState::Ready))
+        .await
+        .unwrap();
+    assert_eq!(first.users().await.unwrap(), 1);
+
+    // A second holder waits until the first commits, then sees its row.
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut second = store.lock_rootfs(key).await.unwrap();
+            let users = second.users().await.unwrap();
+            assert!(second.delete_template(&name("node")).await.unwrap());
+            let left = second.users().await.unwrap();
+            second.commit().await.unwrap();
+            (users, left)
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the second lock did not wait");
+    first.commit().await.unwrap();
+    let (users, left) = waiter.await.unwrap();
+    assert_eq!((users, left), (1, 0));
+    assert_eq!(store.get_template(&name("node")).await.unwrap(), None);
+}
+
+/// `first_warmups` lists names being warmed up that have no template yet.
+#[tokio::test]
+async fn first_warmups_are_names_without_a_template() {
+    let (_pg, _config, store) = fresh().await;
+    store
+        .upsert_template(&record("ready", TemplateState::Ready))
+        .await
+        .unwrap();
+    store
+        .create_task(&name("ready"), "ready:2", "linux/amd64")
+        .await
+        .unwrap();
+    let fresh_task = store
+        .create_task(&name("fresh"), "fresh:1", "linux/arm64")
+        .await
+        .unwrap();
+    let failed = store
+        .create_task(&name("failed"), "failed:1", "linux/amd64")
+        .await
+        .unwrap();
+    store
+        .update_task(
+            failed.id,
+            &TaskUpdate {
+                state: Some(TemplateState::Failed),
+                message: Some("no such image".into()),
+                ..TaskUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    let first = store.first_warmups().await.unwrap();
+    assert_eq!(first, vec![fresh_task.clone()]);
+    assert_eq!(first[0].platform, "linux/arm64");
 }

@@ -9,7 +9,7 @@ use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::{reference, RegistryClient, RegistryError, Repo, Target, REF_NAME};
+use super::{reference, PullProgress, RegistryClient, RegistryError, Repo, Target, REF_NAME};
 use crate::error::OciError;
 use crate::image::{Descriptor, ResolvedImage};
 
@@ -21,12 +21,13 @@ impl RegistryClient {
         repo: &Repo<'_>,
         descriptor: &Descriptor,
         what: &'static str,
+        progress: &dyn PullProgress,
     ) -> Result<Option<u64>, RegistryError> {
         let path = self.blob_path(&descriptor.digest)?;
         if self.cached(&path, descriptor).await? {
             return Ok(None);
         }
-        self.with_retries(|| self.download(repo, descriptor, what, &path))
+        self.with_retries(|| self.download(repo, descriptor, what, &path, progress))
             .await?;
         Ok(Some(descriptor.size))
     }
@@ -76,6 +77,7 @@ impl RegistryClient {
         descriptor: &Descriptor,
         what: &'static str,
         path: &Path,
+        progress: &dyn PullProgress,
     ) -> Result<(), RegistryError> {
         let digest = &descriptor.digest;
         let url = format!("{}/blobs/{digest}", repo.base);
@@ -116,6 +118,7 @@ impl RegistryClient {
                 });
             }
             hasher.update(&chunk);
+            progress.bytes(chunk.len() as u64);
             file.write_all(&chunk)
                 .await
                 .map_err(|e| RegistryError::cache("writing a download file", &temp.path, e))?;

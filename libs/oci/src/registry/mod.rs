@@ -120,6 +120,46 @@ pub struct PulledImage {
     pub report: PullReport,
 }
 
+/// An image resolved in its registry: the platform's manifest, verified, not yet pulled.
+#[derive(Debug, Clone)]
+pub struct RemoteImage {
+    /// The reference as resolved (normalised).
+    pub reference: Reference,
+    /// The manifest's digest: the image's identity.
+    pub digest: String,
+    /// The manifest's media type.
+    pub media_type: String,
+    /// The manifest as the registry sent it.
+    document: Vec<u8>,
+    /// The parsed manifest.
+    pub manifest: Manifest,
+}
+
+impl RemoteImage {
+    /// Compressed bytes of all layers.
+    pub fn layer_bytes(&self) -> u64 {
+        self.manifest.layers.iter().map(|l| l.size).sum()
+    }
+}
+
+/// Receives a pull's progress. Calls come from concurrent downloads, in any order.
+pub trait PullProgress: Send + Sync {
+    /// `n` more bytes of a blob arrived (a retried download reports its bytes again).
+    fn bytes(&self, n: u64) {
+        let _ = n;
+    }
+    /// A layer of `size` bytes is in the cache, `downloaded` or found there.
+    fn layer_done(&self, size: u64, downloaded: bool) {
+        let _ = (size, downloaded);
+    }
+}
+
+/// Progress nobody watches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl PullProgress for NoProgress {}
+
 /// A registry client with a content-addressed blob cache.
 #[derive(Debug)]
 pub struct RegistryClient {
@@ -229,6 +269,14 @@ impl RegistryClient {
 
     /// Pulls an image: its manifest for the configured platform, its config and layers.
     pub async fn pull(&self, reference: &Reference) -> Result<PulledImage, OciError> {
+        let remote = self.resolve(reference).await?;
+        self.fetch(&remote, &NoProgress).await
+    }
+
+    /// Resolves `reference` to the manifest of the configured platform (fetching an index
+    /// first when the reference names one), without downloading any layer. The manifest
+    /// is verified and checked: supported media types, valid digests, sizes in limits.
+    pub async fn resolve(&self, reference: &Reference) -> Result<RemoteImage, OciError> {
         let repo = Repo {
             reference,
             base: self.base_url(reference)?,
@@ -270,13 +318,41 @@ impl RegistryClient {
                 reason: e.to_string(),
             })?;
         self.check_manifest(&what, &manifest)?;
-        self.store_document(&digest, &bytes).await?;
+        Ok(RemoteImage {
+            reference: reference.clone(),
+            digest,
+            media_type,
+            document: bytes,
+            manifest,
+        })
+    }
 
+    /// Downloads a resolved image's config and layers into the cache (blobs already
+    /// there are verified, not fetched), reporting progress to `progress`.
+    pub async fn fetch(
+        &self,
+        remote: &RemoteImage,
+        progress: &dyn PullProgress,
+    ) -> Result<PulledImage, OciError> {
+        let reference = &remote.reference;
+        let repo = Repo {
+            reference,
+            base: self.base_url(reference)?,
+        };
+        self.store_document(&remote.digest, &remote.document).await?;
+        let manifest = &remote.manifest;
         let blobs: Vec<(&Descriptor, &'static str)> = std::iter::once((&manifest.config, "config"))
             .chain(manifest.layers.iter().map(|l| (l, "layer")))
             .collect();
+        let repo = &repo;
         let results: Vec<Option<u64>> = stream::iter(blobs)
-            .map(|(descriptor, kind)| self.fetch_blob(&repo, descriptor, kind))
+            .map(|(descriptor, kind)| async move {
+                let fetched = self.fetch_blob(repo, descriptor, kind, progress).await?;
+                if kind == "layer" {
+                    progress.layer_done(descriptor.size, fetched.is_some());
+                }
+                Ok::<_, RegistryError>(fetched)
+            })
             .buffer_unordered(self.options.parallel_downloads.max(1))
             .try_collect()
             .await?;
@@ -293,7 +369,12 @@ impl RegistryClient {
 
         let ref_name = reference.to_string();
         let image = self
-            .record_and_resolve(&ref_name, &media_type, &digest, bytes.len() as u64)
+            .record_and_resolve(
+                &ref_name,
+                &remote.media_type,
+                &remote.digest,
+                remote.document.len() as u64,
+            )
             .await?;
         tracing::info!(
             reference = %reference,

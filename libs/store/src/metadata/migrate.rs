@@ -20,11 +20,18 @@ pub struct Migration {
 
 /// Every migration this code knows, in order. Add new files at the end; never edit one
 /// that has shipped.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "templates_and_warmup_tasks",
-    sql: include_str!("../../migrations/0001_templates_and_warmup_tasks.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "templates_and_warmup_tasks",
+        sql: include_str!("../../migrations/0001_templates_and_warmup_tasks.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "warmup_task_platform",
+        sql: include_str!("../../migrations/0002_warmup_task_platform.sql"),
+    },
+];
 
 /// The schema version this code expects.
 pub fn latest_version() -> i64 {

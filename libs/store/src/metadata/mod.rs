@@ -87,6 +87,8 @@ pub struct WarmupTask {
     pub id: Uuid,
     pub template: TemplateName,
     pub image_ref: String,
+    /// The platform pulled, `os/arch[/variant]`.
+    pub platform: String,
     pub manifest_digest: Option<String>,
     pub state: TemplateState,
     pub progress: Progress,
@@ -168,8 +170,9 @@ fn name_from(row: &Row, column: &str) -> Result<TemplateName, MetadataError> {
 
 const TEMPLATE_COLUMNS: &str = "name, image_ref, manifest_digest, rootfs_key, size_bytes, \
                                 image_config, state, created_at, updated_at";
-const TASK_COLUMNS: &str = "id, template_name, image_ref, manifest_digest, state, layers_done, \
-                            layers_total, bytes_done, bytes_total, message, created_at, updated_at";
+const TASK_COLUMNS: &str = "id, template_name, image_ref, platform, manifest_digest, state, \
+                            layers_done, layers_total, bytes_done, bytes_total, message, \
+                            created_at, updated_at";
 
 fn template_from(row: &Row) -> Result<Template, MetadataError> {
     let config: serde_json::Value = row.get("image_config");
@@ -197,6 +200,7 @@ fn task_from(row: &Row) -> Result<WarmupTask, MetadataError> {
         id: row.get("id"),
         template: name_from(row, "template_name")?,
         image_ref: row.get("image_ref"),
+        platform: row.get("platform"),
         manifest_digest: row.get("manifest_digest"),
         state: parse_state(row.get("state"))?,
         progress: Progress {
@@ -209,6 +213,132 @@ fn task_from(row: &Row) -> Result<WarmupTask, MetadataError> {
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
     })
+}
+
+async fn upsert_template(
+    client: &tokio_postgres::Client,
+    record: &TemplateRecord,
+) -> Result<Template, MetadataError> {
+    let config =
+        serde_json::to_value(&record.image_config).map_err(|e| MetadataError::Corrupt {
+            what: "image_config",
+            detail: e.to_string(),
+        })?;
+    let size = record
+        .size_bytes
+        .map(|s| to_i64(s, "size_bytes"))
+        .transpose()?;
+    let row = client
+        .query_one(
+            &format!(
+                "INSERT INTO templates
+                     (name, image_ref, manifest_digest, rootfs_key, size_bytes, image_config, state)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (name) DO UPDATE SET
+                     image_ref = EXCLUDED.image_ref,
+                     manifest_digest = EXCLUDED.manifest_digest,
+                     rootfs_key = EXCLUDED.rootfs_key,
+                     size_bytes = EXCLUDED.size_bytes,
+                     image_config = EXCLUDED.image_config,
+                     state = EXCLUDED.state,
+                     updated_at = now()
+                 RETURNING {TEMPLATE_COLUMNS}"
+            ),
+            &[
+                &record.name.as_str(),
+                &record.image_ref,
+                &record.manifest_digest,
+                &record.rootfs_key,
+                &size,
+                &config,
+                &record.state.as_str(),
+            ],
+        )
+        .await
+        .map_err(db("writing a template"))?;
+    template_from(&row)
+}
+
+
+/// The lock on one root filesystem object ([`MetadataStore::lock_rootfs`]): an open
+/// transaction holding a Postgres advisory lock. [`RootfsLock::commit`] makes its changes
+/// durable and releases it; dropping it without a commit discards the connection, so
+/// the server rolls back and releases the lock.
+pub struct RootfsLock {
+    client: Option<deadpool_postgres::Object>,
+    key: String,
+}
+
+impl std::fmt::Debug for RootfsLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RootfsLock").field("key", &self.key).finish()
+    }
+}
+
+impl RootfsLock {
+    fn client(&mut self) -> Result<&deadpool_postgres::Object, MetadataError> {
+        self.client.as_ref().ok_or(MetadataError::Config(
+            "the rootfs lock was already released".to_owned(),
+        ))
+    }
+
+    /// The object key this lock covers.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// How many templates point at the object.
+    pub async fn users(&mut self) -> Result<u64, MetadataError> {
+        let key = self.key.clone();
+        let row = self
+            .client()?
+            .query_one(
+                "SELECT count(*) FROM templates WHERE rootfs_key = $1",
+                &[&key],
+            )
+            .await
+            .map_err(db("counting templates of a rootfs"))?;
+        to_u64(row.get(0), "count")
+    }
+
+    /// Inserts or replaces a template, inside the lock's transaction.
+    pub async fn upsert_template(
+        &mut self,
+        record: &TemplateRecord,
+    ) -> Result<Template, MetadataError> {
+        upsert_template(self.client()?, record).await
+    }
+
+    /// Removes a template inside the lock's transaction; returns whether it existed.
+    pub async fn delete_template(&mut self, name: &TemplateName) -> Result<bool, MetadataError> {
+        let n = self
+            .client()?
+            .execute("DELETE FROM templates WHERE name = $1", &[&name.as_str()])
+            .await
+            .map_err(db("deleting a template"))?;
+        Ok(n > 0)
+    }
+
+    /// Commits the changes and releases the lock.
+    pub async fn commit(mut self) -> Result<(), MetadataError> {
+        let client = self.client()?;
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(db("committing a rootfs transaction"))?;
+        self.client = None;
+        Ok(())
+    }
+}
+
+impl Drop for RootfsLock {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            // Mid-transaction: never hand this connection back to the pool. Dropping the
+            // detached client closes it; the server rolls back and frees the lock.
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
 }
 
 impl MetadataStore {
@@ -260,45 +390,55 @@ impl MetadataStore {
         &self,
         record: &TemplateRecord,
     ) -> Result<Template, MetadataError> {
-        let config =
-            serde_json::to_value(&record.image_config).map_err(|e| MetadataError::Corrupt {
-                what: "image_config",
-                detail: e.to_string(),
-            })?;
-        let size = record
-            .size_bytes
-            .map(|s| to_i64(s, "size_bytes"))
-            .transpose()?;
         let client = self.client().await?;
-        let row = client
-            .query_one(
-                &format!(
-                    "INSERT INTO templates
-                         (name, image_ref, manifest_digest, rootfs_key, size_bytes, image_config, state)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (name) DO UPDATE SET
-                         image_ref = EXCLUDED.image_ref,
-                         manifest_digest = EXCLUDED.manifest_digest,
-                         rootfs_key = EXCLUDED.rootfs_key,
-                         size_bytes = EXCLUDED.size_bytes,
-                         image_config = EXCLUDED.image_config,
-                         state = EXCLUDED.state,
-                         updated_at = now()
-                     RETURNING {TEMPLATE_COLUMNS}"
-                ),
-                &[
-                    &record.name.as_str(),
-                    &record.image_ref,
-                    &record.manifest_digest,
-                    &record.rootfs_key,
-                    &size,
-                    &config,
-                    &record.state.as_str(),
-                ],
+        upsert_template(&client, record).await
+    }
+
+    /// Takes the lock of the root filesystem object `key`, held until the returned
+    /// guard is committed or dropped.
+    ///
+    /// Publishing a template that points at an object and deleting the last template of
+    /// an object (then the object) both happen under this lock, so a delete never removes
+    /// an object that a template is being published over. The lock is a Postgres
+    /// transaction-scoped advisory lock, so it holds across every service replica and
+    /// is released by the server if the holder dies.
+    pub async fn lock_rootfs(&self, key: &str) -> Result<RootfsLock, MetadataError> {
+        let client = self.client().await?;
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(db("starting a rootfs transaction"))?;
+        let mut lock = RootfsLock {
+            client: Some(client),
+            key: key.to_owned(),
+        };
+        lock.client()?
+            .execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                &[&key],
             )
             .await
-            .map_err(db("writing a template"))?;
-        template_from(&row)
+            .map_err(db("taking a rootfs lock"))?;
+        Ok(lock)
+    }
+
+    /// The latest unfinished warmup task of every template name that has no template
+    /// row yet (names being warmed up for the first time), by name.
+    pub async fn first_warmups(&self) -> Result<Vec<WarmupTask>, MetadataError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT DISTINCT ON (template_name) {TASK_COLUMNS} FROM warmup_tasks t
+                     WHERE state NOT IN ('READY', 'FAILED')
+                       AND NOT EXISTS (SELECT 1 FROM templates WHERE name = t.template_name)
+                     ORDER BY template_name, created_at DESC, id DESC"
+                ),
+                &[],
+            )
+            .await
+            .map_err(db("listing first warmups"))?;
+        rows.iter().map(task_from).collect()
     }
 
     /// The template called `name`, if any.
@@ -360,23 +500,26 @@ impl MetadataStore {
         to_u64(row.get(0), "count")
     }
 
-    /// Records a new warmup task, queued, with no progress.
+    /// Records a new warmup task of `image_ref` for `platform` (`os/arch[/variant]`),
+    /// queued, with no progress.
     pub async fn create_task(
         &self,
         template: &TemplateName,
         image_ref: &str,
+        platform: &str,
     ) -> Result<WarmupTask, MetadataError> {
         let client = self.client().await?;
         let row = client
             .query_one(
                 &format!(
-                    "INSERT INTO warmup_tasks (id, template_name, image_ref, state)
-                     VALUES ($1, $2, $3, $4) RETURNING {TASK_COLUMNS}"
+                    "INSERT INTO warmup_tasks (id, template_name, image_ref, platform, state)
+                     VALUES ($1, $2, $3, $4, $5) RETURNING {TASK_COLUMNS}"
                 ),
                 &[
                     &Uuid::now_v7(),
                     &template.as_str(),
                     &image_ref,
+                    &platform,
                     &TemplateState::Queued.as_str(),
                 ],
             )
