@@ -30,7 +30,7 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: boot.
+    /// Run a benchmark: boot, warmup.
     Bench { name: String },
 }
 
@@ -62,7 +62,8 @@ fn run() -> anyhow::Result<()> {
             let guest = setup::prepare()?;
             match name.as_str() {
                 "boot" => bench::boot(&guest)?,
-                other => anyhow::bail!("unknown benchmark {other:?} (available: boot)"),
+                "warmup" => bench::warmup(&guest)?,
+                other => anyhow::bail!("unknown benchmark {other:?} (available: boot, warmup)"),
             }
         }
     }

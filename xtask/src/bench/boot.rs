@@ -1,41 +1,19 @@
-//! Benchmarks. Each prints a table and writes `target/bench/<name>.json`; the JSON field
-//! names are a contract that other tooling reads. Contenders run side by side in the same
-//! run, alternating, and results are medians: these machines are noisy.
+//! `cargo xtask bench boot`: from spawning `nanobox vm run -- true` to its result,
+//! against bare QEMU with the same command line reaching the guest's READY marker.
 
 use std::io::{BufRead as _, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::Context as _;
 use serde_json::json;
 
+use super::{host_info, median, min_max, percentile, round3, write_result};
 use crate::setup::{self, Guest};
 
 const BOOT_ROUNDS: usize = 15;
 const EXEC_RTT_ITERATIONS: usize = 200;
 const STREAM_MIB: usize = 64;
-
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    // Nearest-rank percentile.
-    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
-    v[rank.min(v.len()) - 1]
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
 
 fn bare_boot(guest: &Guest) -> anyhow::Result<f64> {
     let out = Command::new("target/release/examples/boot_bench")
@@ -163,8 +141,7 @@ pub fn boot(guest: &Guest) -> anyhow::Result<()> {
         "metric", "value", "min", "max"
     );
     let row = |name: &str, v: f64, s: &[f64]| {
-        let min = s.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (min, max) = min_max(s);
         println!("{name:<34} {v:>12.1} {min:>10.1} {max:>10.1}");
     };
     row("bare_qemu_ready_ms_median", bare_median, &bare);
@@ -187,47 +164,4 @@ pub fn boot(guest: &Guest) -> anyhow::Result<()> {
     );
 
     write_result("boot", &result)
-}
-
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
-}
-
-fn host_info() -> serde_json::Value {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    json!({ "cpus": cpus, "cpu_model": model })
-}
-
-fn write_result(name: &str, value: &serde_json::Value) -> anyhow::Result<()> {
-    let dir = Path::new("target/bench");
-    std::fs::create_dir_all(dir)?;
-    let path = dir.join(format!("{name}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(value)? + "\n")?;
-    println!("\nwrote {}", path.display());
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_and_percentiles() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        let v: Vec<f64> = (1..=200).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 100.0);
-        assert_eq!(percentile(&v, 99.0), 198.0);
-        assert_eq!(percentile(&[7.0], 99.0), 7.0);
-    }
 }

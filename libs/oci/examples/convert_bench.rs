@@ -1,0 +1,83 @@
+//! Measurements for `cargo xtask bench warmup` that need the library in a release build.
+//!
+//! `convert_bench layout`: print the path of the Debian + Node.js test image layout
+//! (building and caching it first if needed, see `nanobox_testkit::images`).
+//!
+//! `convert_bench convert <layout> <tag> <init> <out>`: convert the image to an ext4 at
+//! `<out>` with [`nanobox_oci::convert`] and print JSON: the seconds the call took, when
+//! the last layer was applied, and the image's size and inode count (the baseline builds
+//! an image of the same geometry).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nanobox_oci::{convert, ConvertEvent, ConvertOptions, OciLayout, Platform};
+
+type Error = Box<dyn std::error::Error>;
+
+fn usage() -> Error {
+    "usage: convert_bench layout | convert <layout> <tag> <init> <out>".into()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("layout") => {
+            println!(
+                "{}",
+                nanobox_testkit::images::debian_node_layout().display()
+            );
+            Ok(())
+        }
+        Some("convert") => {
+            let [layout, tag, init, out] = &args[1..] else {
+                return Err(usage());
+            };
+            run(Path::new(layout), tag, init.into(), out.into()).await
+        }
+        _ => Err(usage()),
+    }
+}
+
+async fn run(layout: &Path, tag: &str, init: PathBuf, out: PathBuf) -> Result<(), Error> {
+    // Reading the layout is part of the conversion a user waits for.
+    let started = Instant::now();
+    let layout = OciLayout::open(layout)?;
+    let image = layout.resolve(Some(tag), &Platform::linux_amd64())?;
+    let building: Arc<Mutex<Option<Duration>>> = Arc::default();
+    let mark = building.clone();
+    let on_event = Arc::new(move |event| {
+        if event == ConvertEvent::Building {
+            if let Ok(mut at) = mark.lock() {
+                *at = Some(started.elapsed());
+            }
+        }
+    });
+    let built = convert(
+        layout,
+        image,
+        init,
+        out,
+        ConvertOptions::default(),
+        on_event,
+    )
+    .await?;
+    let total = started.elapsed().as_secs_f64();
+    let applied = building
+        .lock()
+        .ok()
+        .and_then(|at| *at)
+        .map_or(f64::NAN, |d| d.as_secs_f64());
+    println!(
+        "{}",
+        serde_json::json!({
+            "seconds": total,
+            "apply_seconds": applied,
+            "size_bytes": built.size_bytes,
+            "inodes": built.inodes,
+        })
+    );
+    Ok(())
+}
