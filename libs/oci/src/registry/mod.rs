@@ -339,20 +339,21 @@ impl RegistryClient {
             reference,
             base: self.base_url(reference)?,
         };
-        self.store_document(&remote.digest, &remote.document).await?;
+        self.store_document(&remote.digest, &remote.document)
+            .await?;
         let manifest = &remote.manifest;
         let blobs: Vec<(&Descriptor, &'static str)> = std::iter::once((&manifest.config, "config"))
             .chain(manifest.layers.iter().map(|l| (l, "layer")))
             .collect();
         let repo = &repo;
-        let results: Vec<Option<u64>> = stream::iter(blobs)
-            .map(|(descriptor, kind)| async move {
-                let fetched = self.fetch_blob(repo, descriptor, kind, progress).await?;
-                if kind == "layer" {
-                    progress.layer_done(descriptor.size, fetched.is_some());
-                }
-                Ok::<_, RegistryError>(fetched)
-            })
+        // The futures are made up front rather than by a closure in the stream, which
+        // keeps the whole pull `Send` (closures over borrowed data in stream adapters
+        // trip the compiler's higher-ranked lifetime inference).
+        let downloads: Vec<_> = blobs
+            .into_iter()
+            .map(|(descriptor, kind)| self.fetch_reported(repo, descriptor, kind, progress))
+            .collect();
+        let results: Vec<Option<u64>> = stream::iter(downloads)
             .buffer_unordered(self.options.parallel_downloads.max(1))
             .try_collect()
             .await?;
@@ -389,6 +390,22 @@ impl RegistryClient {
             image,
             report,
         })
+    }
+
+    /// [`Self::fetch_blob`], then the layer reported done. (A method rather than an
+    /// async closure, so that the future stays `Send` for callers that spawn a pull.)
+    async fn fetch_reported(
+        &self,
+        repo: &Repo<'_>,
+        descriptor: &Descriptor,
+        kind: &'static str,
+        progress: &dyn PullProgress,
+    ) -> Result<Option<u64>, RegistryError> {
+        let fetched = self.fetch_blob(repo, descriptor, kind, progress).await?;
+        if kind == "layer" {
+            progress.layer_done(descriptor.size, fetched.is_some());
+        }
+        Ok(fetched)
     }
 
     fn base_url(&self, reference: &Reference) -> Result<String, RegistryError> {

@@ -1,0 +1,254 @@
+//! The template-builder as a real process, with its real dependencies: a private Postgres,
+//! a local registry, a local-filesystem object store, and a gRPC client.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nanobox_proto::v1::templates_client::TemplatesClient;
+use nanobox_proto::v1::{self, TemplateState, WarmupTask};
+use nanobox_store::{LocalFsStore, MetadataStore, ObjectStore};
+use nanobox_testkit::postgres::Postgres;
+use nanobox_testkit::registry::Registry;
+use tonic::transport::Channel;
+
+/// How long a warmup may take before a test gives up (hang guard: the Debian image is
+/// ~370 MB and the machine is shared).
+pub const WARMUP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The guest init to inject.
+pub fn init() -> PathBuf {
+    let path = std::env::var_os("NANOBOX_INIT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("NANOBOX_INIT is not set: run the tests with `cargo xtask test`")
+        });
+    assert!(
+        path.is_file(),
+        "NANOBOX_INIT={} does not exist",
+        path.display()
+    );
+    path
+}
+
+pub fn sh(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A small two-layer busybox image as an OCI layout (tag `v1`); `marker` goes into a
+/// file so different markers make different images.
+pub fn busybox_layout(work: &Path, marker: &str) -> PathBuf {
+    let layout = work.join(format!("layout-{marker}"));
+    let image = format!("{}:v1", layout.display());
+    sh(Command::new("umoci")
+        .args(["init", "--layout"])
+        .arg(&layout));
+    sh(Command::new("umoci").args(["new", "--image", &image]));
+    for (i, step) in ["busybox", "marker"].iter().enumerate() {
+        let bundle = work.join(format!("bundle-{marker}-{i}"));
+        sh(Command::new("umoci")
+            .args(["unpack", "--image", &image])
+            .arg(&bundle));
+        let root = bundle.join("rootfs");
+        if *step == "busybox" {
+            std::fs::create_dir_all(root.join("bin")).unwrap();
+            std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+            std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+        } else {
+            std::fs::create_dir_all(root.join("etc")).unwrap();
+            std::fs::write(root.join("etc/marker"), marker).unwrap();
+        }
+        sh(Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle));
+        std::fs::remove_dir_all(&bundle).unwrap();
+    }
+    sh(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        &format!("MARKER={marker}"),
+        "--config.workingdir",
+        "/etc",
+    ]));
+    layout
+}
+
+/// A running template-builder process; killed on drop.
+pub struct BuilderProcess {
+    child: Child,
+    pub addr: String,
+}
+
+impl Drop for BuilderProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl BuilderProcess {
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Everything a template-builder needs, and the builder.
+pub struct Stack {
+    pub pg: Postgres,
+    pub db: tokio_postgres::Config,
+    pub registry: Registry,
+    pub dir: tempfile::TempDir,
+    pub builder: Option<BuilderProcess>,
+    pub extra_args: Vec<String>,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::with_registry(Registry::start()).await
+    }
+
+    pub async fn with_registry(registry: Registry) -> Self {
+        let pg = Postgres::start().await;
+        let db = pg.create_database().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut stack = Self {
+            pg,
+            db,
+            registry,
+            dir,
+            builder: None,
+            extra_args: Vec::new(),
+        };
+        stack.start_builder();
+        stack
+    }
+
+    pub fn objects_dir(&self) -> PathBuf {
+        self.dir.path().join("objects")
+    }
+
+    pub fn work_dir(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    /// `registry/name:tag` on the stack's registry.
+    pub fn image(&self, name_tag: &str) -> String {
+        format!("{}/{name_tag}", self.registry.host)
+    }
+
+    pub fn start_builder(&mut self) {
+        let db = format!(
+            "host={} user=postgres dbname={}",
+            self.pg.socket_dir().display(),
+            self.db.get_dbname().unwrap()
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_template-builder"))
+            .args(["--listen", "127.0.0.1:0", "--database-url", &db])
+            .arg("--object-store")
+            .arg(format!("file://{}", self.objects_dir().display()))
+            .arg("--work-dir")
+            .arg(self.work_dir())
+            .arg("--init")
+            .arg(init())
+            .arg("--plain-http-registry")
+            .arg(&self.registry.host)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("template-builder did not start: {line:?}"))
+            .to_owned();
+        self.builder = Some(BuilderProcess { child, addr });
+    }
+
+    pub async fn client(&self) -> TemplatesClient<Channel> {
+        let addr = &self.builder.as_ref().unwrap().addr;
+        TemplatesClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+    }
+
+    pub async fn meta(&self) -> MetadataStore {
+        MetadataStore::open(self.db.clone(), Default::default())
+            .await
+            .unwrap()
+    }
+
+    pub fn objects(&self) -> LocalFsStore {
+        LocalFsStore::open(self.objects_dir()).unwrap()
+    }
+
+    /// Keys of every object in the store.
+    pub async fn object_keys(&self) -> Vec<String> {
+        self.objects()
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key.to_string())
+            .collect()
+    }
+
+    pub async fn warmup(&self, name: &str, image: &str) -> WarmupTask {
+        self.client()
+            .await
+            .warmup(v1::WarmupRequest {
+                name: name.into(),
+                image: image.into(),
+                platform: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("warmup {name}: {e}"))
+            .into_inner()
+            .task
+            .unwrap()
+    }
+
+    /// Polls `Status` until the task ends; returns the final task and every state seen.
+    pub async fn wait(&self, name: &str) -> (WarmupTask, Vec<TemplateState>) {
+        let mut client = self.client().await;
+        let deadline = Instant::now() + WARMUP_TIMEOUT;
+        let mut seen = Vec::new();
+        loop {
+            let task = client
+                .status(v1::GetTemplateStatusRequest { name: name.into() })
+                .await
+                .unwrap_or_else(|e| panic!("status {name}: {e}"))
+                .into_inner()
+                .task
+                .unwrap();
+            let state = task.state();
+            if seen.last() != Some(&state) {
+                seen.push(state);
+            }
+            if matches!(state, TemplateState::Ready | TemplateState::Failed) {
+                return (task, seen);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "warmup of {name} hangs: {task:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
