@@ -380,44 +380,11 @@ async fn corrupt_blob_in_the_registry_is_a_digest_mismatch_and_never_cached() {
     assert_eq!(fs::read_dir(cache.join("tmp")).unwrap().count(), 0);
 }
 
-/// Uploads a blob with the distribution API's monolithic upload.
-async fn upload_blob(http: &reqwest::Client, host: &str, name: &str, data: &[u8]) -> String {
-    let digest = format!("sha256:{}", common::sha256_hex(data));
-    let start = http
-        .post(format!("http://{host}/v2/{name}/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(start.status(), 202);
-    let location = start.headers()["location"].to_str().unwrap().to_owned();
-    let location = if location.starts_with("http") {
-        location
-    } else {
-        format!("http://{host}{location}")
-    };
-    let sep = if location.contains('?') { '&' } else { '?' };
-    let put = http
-        .put(format!("{location}{sep}digest={digest}"))
-        .header("content-type", "application/octet-stream")
-        .body(data.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        put.status(),
-        201,
-        "{}",
-        put.text().await.unwrap_or_default()
-    );
-    digest
-}
-
 #[tokio::test]
 async fn unsupported_media_type_is_named() {
     let registry = Registry::start();
-    let http = reqwest::Client::new();
     let config = br#"{"kind":"not an image"}"#;
-    let config_digest = upload_blob(&http, &registry.host, "artifact", config).await;
+    let config_digest = registry.put_blob("artifact", config);
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -425,18 +392,11 @@ async fn unsupported_media_type_is_named() {
                    "digest": config_digest, "size": config.len()},
         "layers": [],
     });
-    let put = http
-        .put(format!("http://{}/v2/artifact/manifests/v1", registry.host))
-        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-        .body(serde_json::to_vec(&manifest).unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        put.status(),
-        201,
-        "{}",
-        put.text().await.unwrap_or_default()
+    registry.put_manifest(
+        "artifact",
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&manifest).unwrap(),
     );
 
     let work = tempfile::tempdir().unwrap();

@@ -247,6 +247,90 @@ impl Registry {
         );
     }
 
+    /// One anonymous HTTP/1.0 request with a body; returns the status, the `Location`
+    /// header (empty if none) and the response body.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> (u16, String, String) {
+        let mut stream = TcpStream::connect(&self.host)
+            .unwrap_or_else(|e| panic!("connecting to the registry: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let head = format!(
+            "{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Type: {content_type}\r\n\
+             Content-Length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        );
+        stream
+            .write_all(head.as_bytes())
+            .and_then(|()| stream.write_all(body))
+            .unwrap_or_else(|e| panic!("sending {method} {path}: {e}"));
+        let mut reply = Vec::new();
+        stream
+            .read_to_end(&mut reply)
+            .unwrap_or_else(|e| panic!("reading the reply to {method} {path}: {e}"));
+        let reply = String::from_utf8_lossy(&reply).into_owned();
+        let status = reply
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP reply: {reply:?}"));
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+        let location = head
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+            .unwrap_or_default();
+        (status, location, body.to_owned())
+    }
+
+    /// Uploads `data` as a blob of repository `name`; returns its digest.
+    pub fn put_blob(&self, name: &str, data: &[u8]) -> String {
+        let digest = format!("sha256:{}", sha256_hex(data));
+        // Start an upload, then finish it in one PUT (the monolithic upload every
+        // distribution version takes).
+        let (status, location, body) = self.send(
+            "POST",
+            &format!("/v2/{name}/blobs/uploads/"),
+            "application/octet-stream",
+            b"",
+        );
+        assert_eq!(status, 202, "starting a blob upload: {body}");
+        let path = match location.split_once("://") {
+            Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]).to_owned(),
+            None => location,
+        };
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let (status, _, body) = self.send(
+            "PUT",
+            &format!("{path}{sep}digest={digest}"),
+            "application/octet-stream",
+            data,
+        );
+        assert_eq!(status, 201, "uploading a blob: {body}");
+        digest
+    }
+
+    /// Stores `manifest` (any JSON, of `media_type`) as `name:tag`, bypassing skopeo's
+    /// checks: for images that a well-behaved tool would refuse to make.
+    pub fn put_manifest(&self, name: &str, tag: &str, media_type: &str, manifest: &[u8]) {
+        let (status, _, body) = self.send(
+            "PUT",
+            &format!("/v2/{name}/manifests/{tag}"),
+            media_type,
+            manifest,
+        );
+        assert_eq!(status, 201, "putting a manifest: {body}");
+    }
+
     /// Where the registry stores a blob (to corrupt it in a test).
     pub fn blob_data_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
@@ -352,4 +436,12 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
