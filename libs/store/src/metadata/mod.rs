@@ -259,7 +259,6 @@ async fn upsert_template(
     template_from(&row)
 }
 
-
 /// The lock on one root filesystem object ([`MetadataStore::lock_rootfs`]): an open
 /// transaction holding a Postgres advisory lock. [`RootfsLock::commit`] makes its changes
 /// durable and releases it; dropping it without a commit discards the connection, so
@@ -271,7 +270,9 @@ pub struct RootfsLock {
 
 impl std::fmt::Debug for RootfsLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RootfsLock").field("key", &self.key).finish()
+        f.debug_struct("RootfsLock")
+            .field("key", &self.key)
+            .finish()
     }
 }
 
