@@ -97,6 +97,7 @@ impl TestVm {
                 path: artifacts.rootfs,
                 read_only: false,
                 ephemeral: true,
+                format: nanobox_vmm::DiskFormat::Raw,
             },
             std::env::temp_dir().join(format!("nanobox-test-{id}")),
         );

@@ -25,6 +25,7 @@ fn spec(kernel: &str, rootfs: &str, tag: &str) -> VmSpec {
             path: rootfs.into(),
             read_only: false,
             ephemeral: true,
+            format: nanobox_vmm::DiskFormat::Raw,
         },
         std::env::temp_dir().join(format!("nanobox-{id}")),
     )

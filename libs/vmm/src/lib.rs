@@ -30,4 +30,4 @@ pub use backend::{
 };
 pub use console::ConsoleLog;
 pub use error::VmmError;
-pub use spec::{DriveSpec, VmSpec, DEFAULT_CONSOLE_LIMIT};
+pub use spec::{DiskFormat, DriveSpec, NetSpec, RateLimit, VmSpec, DEFAULT_CONSOLE_LIMIT};

@@ -35,3 +35,21 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
         });
     }
 }
+
+/// Makes the child enter the network namespace `netns` (a `/run/netns/<name>` file)
+/// before it executes, so the VMM sees only that namespace's devices.
+pub(crate) fn enter_netns(cmd: &mut Command, netns: &std::path::Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(netns)?;
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // setns(2) through nix, which is async-signal-safe. The descriptor stays open for the
+    // closure's lifetime because the closure owns the file.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = std::os::fd::BorrowedFd::borrow_raw(file.as_raw_fd());
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    Ok(())
+}

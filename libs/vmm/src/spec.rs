@@ -7,6 +7,17 @@ use crate::VmmError;
 /// Default bound on the console output kept per VM.
 pub const DEFAULT_CONSOLE_LIMIT: usize = 256 * 1024;
 
+/// The on-disk format of a block device image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiskFormat {
+    /// A plain image (ext4 written directly).
+    #[default]
+    Raw,
+    /// A qcow2 overlay over a backing image (QEMU only): the node agent's copy-on-write
+    /// clone of a template where the file system cannot reflink.
+    Qcow2,
+}
+
 /// A block device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveSpec {
@@ -15,6 +26,7 @@ pub struct DriveSpec {
     /// Writes go to a throwaway overlay and the image is never modified (QEMU only;
     /// the node agent gives each sandbox its own copy-on-write clone instead).
     pub ephemeral: bool,
+    pub format: DiskFormat,
 }
 
 impl DriveSpec {
@@ -23,8 +35,29 @@ impl DriveSpec {
             path: path.into(),
             read_only: false,
             ephemeral: false,
+            format: DiskFormat::Raw,
         }
     }
+}
+
+/// A token bucket: `rate_bytes_per_sec` sustained, bursts up to `burst_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub rate_bytes_per_sec: u64,
+    pub burst_bytes: u64,
+}
+
+/// The guest's network interface: a TAP device on the host side, which must exist (in
+/// the VM's network namespace, when it has one) before launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The TAP device's name.
+    pub tap: String,
+    /// The guest MAC address, `52:54:00:xx:xx:xx`.
+    pub mac: String,
+    /// Applied by the VMM where it can (Firecracker's rate limiter); the node agent
+    /// shapes the TAP with `tc` for VMMs that cannot.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// One VM, independent of the backend that runs it.
@@ -50,6 +83,11 @@ pub struct VmSpec {
     /// Kill the VMM if the process that started it dies. The CLI wants this; the node
     /// agent does not (it re-attaches to running VMs after a restart).
     pub die_with_parent: bool,
+    /// The guest's network interface; `None` means no network device at all.
+    pub network: Option<NetSpec>,
+    /// A network namespace (`/run/netns/<name>`) the VMM process runs in, so its TAP
+    /// device and addresses are private to this VM.
+    pub netns: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -70,6 +108,8 @@ impl VmSpec {
             console_limit: DEFAULT_CONSOLE_LIMIT,
             console_to_stderr: false,
             die_with_parent: true,
+            network: None,
+            netns: None,
         }
     }
 

@@ -104,6 +104,7 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<i32> {
             path: args.rootfs.clone(),
             read_only: false,
             ephemeral: !args.persist,
+            format: nanobox_vmm::DiskFormat::Raw,
         },
         crate::paths::vm_run_dir(&id),
     );

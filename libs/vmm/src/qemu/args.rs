@@ -139,7 +139,21 @@ pub fn build_args(
     a.push("-kernel".into());
     a.push(spec.kernel.clone().into_os_string());
     // The drive's path goes in its own argument with commas doubled, QEMU's escape.
-    let mut drive = OsString::from("id=root,if=none,format=raw,discard=unmap,file=");
+    if let Some(net) = &spec.network {
+        // The TAP exists already (the node agent made it, in the VM's namespace); QEMU
+        // only opens it: no helper scripts, no privileges needed beyond the device.
+        a.push("-netdev".into());
+        a.push(format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap).into());
+        a.push("-device".into());
+        a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
+    }
+    let format = match spec.rootfs.format {
+        crate::DiskFormat::Raw => "raw",
+        crate::DiskFormat::Qcow2 => "qcow2",
+    };
+    let mut drive = OsString::from(format!(
+        "id=root,if=none,format={format},discard=unmap,file="
+    ));
     drive.push(escape_commas(&spec.rootfs.path));
     if spec.rootfs.read_only {
         drive.push(",readonly=on");
@@ -187,6 +201,46 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    #[test]
+    fn network_and_qcow2_overlay() {
+        let mut s = spec();
+        s.network = Some(crate::NetSpec {
+            tap: "nbx-tap0".into(),
+            mac: "52:54:00:12:34:56".into(),
+            rate_limit: None,
+        });
+        s.rootfs.format = crate::DiskFormat::Qcow2;
+        let fds = PassedFds {
+            agent_listener: 3,
+            qmp_listener: 4,
+        };
+        let line = joined(&build_args(
+            &s,
+            Accel::Tcg,
+            &QemuConfig::default(),
+            None,
+            fds,
+        ));
+        for want in [
+            "-netdev tap,id=net0,ifname=nbx-tap0,script=no,downscript=no",
+            "-device virtio-net-device,netdev=net0,mac=52:54:00:12:34:56",
+            "id=root,if=none,format=qcow2,",
+        ] {
+            assert!(line.contains(want), "missing {want:?} in {line}");
+        }
+        let plain = joined(&build_args(
+            &spec(),
+            Accel::Tcg,
+            &QemuConfig::default(),
+            None,
+            fds,
+        ));
+        assert!(
+            !plain.contains("-netdev") && plain.contains("format=raw"),
+            "{plain}"
+        );
     }
 
     #[test]

@@ -202,6 +202,16 @@ impl QemuBackend {
         if spec.die_with_parent {
             crate::process::die_with_parent(&mut cmd);
         }
+        if let Some(netns) = &spec.netns {
+            crate::process::enter_netns(&mut cmd, netns).map_err(|source| VmmError::Spawn {
+                binary: format!(
+                    "{} (entering {})",
+                    self.cfg.binary.display(),
+                    netns.display()
+                ),
+                source,
+            })?;
+        }
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: self.cfg.binary.display().to_string(),
             source,
