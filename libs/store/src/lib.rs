@@ -20,6 +20,7 @@ mod local;
 mod location;
 pub mod metadata;
 mod object;
+pub mod rootfs;
 mod s3;
 
 pub use digest::{get_file_verified, sha256_file, sha256_hex};

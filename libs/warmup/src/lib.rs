@@ -37,6 +37,7 @@ use bytes::Bytes;
 use nanobox_core::{ImageConfig, TemplateName, TemplateState};
 use nanobox_oci::{convert, ConvertOptions, Platform, Reference, RegistryClient, RegistryOptions};
 use nanobox_store::metadata::{Progress, TaskUpdate, Template, TemplateRecord, WarmupTask};
+use nanobox_store::rootfs::{rootfs_keys, sidecar_key, RootfsInfo, RootfsKeys};
 use nanobox_store::{MetadataStore, ObjectKey, ObjectStore, StoreError};
 use sha2::{Digest as _, Sha256};
 use tokio::task::AbortHandle;
@@ -60,43 +61,6 @@ pub struct WarmupConfig {
     pub convert: ConvertOptions,
     /// Images converted at once; further tasks wait, queued.
     pub max_parallel: usize,
-}
-
-/// The object keys of one image's root filesystem.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RootfsKeys {
-    /// The ext4 image.
-    pub ext4: ObjectKey,
-    /// The sidecar ([`RootfsInfo`] as JSON), written after the ext4.
-    pub info: ObjectKey,
-}
-
-/// The sidecar stored beside each root filesystem object.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RootfsInfo {
-    /// The image manifest digest it was built from.
-    pub manifest_digest: String,
-    /// The init version injected.
-    pub init_version: String,
-    /// Size of the ext4 image in bytes.
-    pub size_bytes: u64,
-    /// Hex sha256 of the ext4 image, for consumers to verify a download.
-    pub sha256: String,
-    /// The image's runtime configuration.
-    pub config: ImageConfig,
-}
-
-/// The keys for the image `manifest_digest` built with init `init_version`.
-pub fn rootfs_keys(manifest_digest: &str, init_version: &str) -> Result<RootfsKeys, WarmupError> {
-    let hex = manifest_digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| WarmupError::Internal(format!("bad digest {manifest_digest:?}")))?;
-    let prefix = format!("rootfs/sha256-{hex}/init-{init_version}");
-    Ok(RootfsKeys {
-        ext4: ObjectKey::new(format!("{prefix}/rootfs.ext4"))?,
-        info: ObjectKey::new(format!("{prefix}/image.json"))?,
-    })
 }
 
 /// A template as the API shows it: a published template, or a first warmup in progress.
@@ -477,14 +441,6 @@ impl Warmer {
     }
 }
 
-/// The sidecar key of an ext4 key (`.../rootfs.ext4` -> `.../image.json`).
-fn sidecar_key(ext4: &str) -> Result<ObjectKey, WarmupError> {
-    let prefix = ext4
-        .strip_suffix("/rootfs.ext4")
-        .ok_or_else(|| WarmupError::Internal(format!("unexpected rootfs key {ext4:?}")))?;
-    Ok(ObjectKey::new(format!("{prefix}/image.json"))?)
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind; keep using it.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -696,22 +652,6 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_are_content_addressed() {
-        let digest = format!("sha256:{}", "ab".repeat(32));
-        let keys = rootfs_keys(&digest, "0123456789abcdef").expect("keys");
-        assert_eq!(
-            keys.ext4.as_str(),
-            format!(
-                "rootfs/sha256-{}/init-0123456789abcdef/rootfs.ext4",
-                "ab".repeat(32)
-            )
-        );
-        assert_eq!(sidecar_key(keys.ext4.as_str()).expect("sidecar"), keys.info);
-        assert!(rootfs_keys("sha256:xyz", "v").is_err());
-        assert!(rootfs_keys("md5:ab", "v").is_err());
-    }
 
     #[test]
     fn platforms() {
