@@ -99,6 +99,38 @@ pub enum OciError {
     /// An OCI image layout or one of its JSON documents is invalid.
     #[error("invalid OCI image layout: {0}")]
     InvalidLayout(String),
+    /// A docker archive (`docker save`, `skopeo copy ... docker-archive:`) cannot be
+    /// imported as a whole: no `manifest.json`, no such image, too many entries, ...
+    #[error("docker archive {}: {reason}", archive.display())]
+    Archive { archive: PathBuf, reason: String },
+    /// A path a docker archive's `manifest.json` names is unusable: unsafe, missing, not a
+    /// regular file, too large. `entry` is the path as `manifest.json` writes it.
+    #[error("docker archive {}: entry {entry:?} {reason}", archive.display())]
+    ArchiveEntry {
+        archive: PathBuf,
+        entry: String,
+        reason: String,
+    },
+    /// A docker archive entry's content does not hash to what the archive claims: the
+    /// config to the digest in its file name, a layer to its `rootfs.diff_ids` entry.
+    #[error(
+        "docker archive {}: entry {entry:?} hashes to {actual}, but {expected_by} is {expected}",
+        archive.display()
+    )]
+    ArchiveMismatch {
+        archive: PathBuf,
+        entry: String,
+        expected_by: String,
+        expected: String,
+        actual: String,
+    },
+    /// The docker archive is not a readable tar file.
+    #[error("docker archive {}: not a readable tar archive", archive.display())]
+    ArchiveCorrupt {
+        archive: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// An external tool (mkfs.ext4) failed; `stderr` is its last output.
     #[error("{tool} failed: {stderr}")]
     Tool { tool: &'static str, stderr: String },

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod archive;
 mod compression;
 mod convert;
 mod error;
@@ -18,6 +19,7 @@ pub mod registry;
 pub mod rootfs;
 mod staging;
 
+pub use archive::{import_docker_archive, import_docker_archive_with, ArchiveOptions};
 pub use compression::Compression;
 pub use convert::{convert, ConvertEvent, ConvertOptions};
 pub use error::{LimitKind, OciError};

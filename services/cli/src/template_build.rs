@@ -5,18 +5,21 @@
 //! config beside it as `<out>.config.json`. Useful for debugging images and for CI systems
 //! that pre-build templates.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use nanobox_oci::registry::{DockerConfig, Reference, RegistryClient, RegistryOptions};
 use nanobox_oci::{
-    build_rootfs, ApplyOptions, Ext4Options, LayerApplier, OciLayout, Platform, ResolvedImage,
+    build_rootfs, import_docker_archive, ApplyOptions, Ext4Options, LayerApplier, OciLayout,
+    Platform, ResolvedImage,
 };
 
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
     /// The image: a registry reference (`node:22-alpine` means
-    /// `docker.io/library/node:22-alpine`) or `oci-layout:<dir>[:<tag>]` (a layout on disk).
+    /// `docker.io/library/node:22-alpine`), `oci-layout:<dir>[:<tag>]` (a layout on disk)
+    /// or `docker-archive:<file.tar>[:<repo:tag>]` (what `docker save` writes; the tag picks
+    /// one image of several, and the image is imported into the shared blob cache).
     image: String,
     /// Where to write the ext4 image.
     #[arg(short = 'o', long = "output")]
@@ -37,6 +40,7 @@ pub struct BuildArgs {
 #[derive(Debug, PartialEq, Eq)]
 enum ImageSource {
     OciLayout { dir: PathBuf, tag: Option<String> },
+    DockerArchive { file: PathBuf, name: Option<String> },
     Registry(String),
 }
 
@@ -55,10 +59,38 @@ fn parse_source(reference: &str) -> anyhow::Result<ImageSource> {
             tag,
         });
     }
-    if reference.starts_with("docker-archive:") {
-        anyhow::bail!("unsupported image reference {reference:?}: docker-archive is not read yet");
+    if let Some(rest) = reference.strip_prefix("docker-archive:") {
+        let (file, name) = split_archive_reference(rest);
+        anyhow::ensure!(!file.is_empty(), "docker-archive: needs a file");
+        anyhow::ensure!(
+            name != Some(""),
+            "{reference:?}: the image name after the archive file is empty"
+        );
+        return Ok(ImageSource::DockerArchive {
+            file: PathBuf::from(file),
+            name: name.map(str::to_owned),
+        });
     }
     Ok(ImageSource::Registry(reference.to_owned()))
+}
+
+/// Splits `<file>[:<repo:tag>]`. The file's path may contain ':' and the name always
+/// does, so the file system decides: the whole text if it is a file, else the first ':'
+/// that ends a path to an existing file, else the first ':' after `.tar` (so that a
+/// missing archive is reported as a missing file, not as an unknown image).
+fn split_archive_reference(rest: &str) -> (&str, Option<&str>) {
+    if Path::new(rest).is_file() {
+        return (rest, None);
+    }
+    for (at, _) in rest.match_indices(':') {
+        if Path::new(&rest[..at]).is_file() {
+            return (&rest[..at], Some(&rest[at + 1..]));
+        }
+    }
+    match rest.find(".tar:") {
+        Some(at) => (&rest[..at + 4], Some(&rest[at + 5..])),
+        None => (rest, None),
+    }
 }
 
 pub async fn run(args: BuildArgs) -> i32 {
@@ -98,6 +130,17 @@ async fn build(args: BuildArgs) -> anyhow::Result<()> {
                 .resolve(tag.as_deref(), &Platform::linux_amd64())
                 .context("resolving the image")?;
             (layout, resolved)
+        }
+        ImageSource::DockerArchive { file, name } => {
+            // The same cache as registry pulls: layers shared with pulled images are
+            // stored once, and the import is listed in its index like a pull.
+            let cache = crate::paths::cache_dir().join("oci");
+            // The import's errors name the archive (and the entry) themselves.
+            tokio::task::spawn_blocking(move || {
+                import_docker_archive(&file, &cache, name.as_deref()).map_err(anyhow::Error::from)
+            })
+            .await
+            .context("the import task failed")??
         }
         ImageSource::Registry(reference) => pull(&reference, args.plain_http).await?,
     };
@@ -202,6 +245,40 @@ mod tests {
             parse_source("node:22").expect("ok"),
             ImageSource::Registry("node:22".into())
         );
-        assert!(parse_source("docker-archive:/x.tar").is_err());
+    }
+
+    #[test]
+    fn parses_docker_archive_references() {
+        let archive = |file: &str, name: Option<&str>| ImageSource::DockerArchive {
+            file: file.into(),
+            name: name.map(str::to_owned),
+        };
+        // Files that do not exist: split after `.tar`.
+        assert_eq!(
+            parse_source("docker-archive:/nonexistent/x.tar").expect("ok"),
+            archive("/nonexistent/x.tar", None)
+        );
+        assert_eq!(
+            parse_source("docker-archive:/nonexistent/x.tar:demo/app:v1").expect("ok"),
+            archive("/nonexistent/x.tar", Some("demo/app:v1"))
+        );
+        assert!(parse_source("docker-archive:").is_err());
+        assert!(parse_source("docker-archive:/nonexistent/x.tar:").is_err());
+
+        // Existing files decide, ':' in their paths included.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let colons = dir.path().join("a:b");
+        std::fs::create_dir(&colons).expect("mkdir");
+        let saved = colons.join("saved:image");
+        std::fs::write(&saved, b"").expect("write");
+        let saved = saved.to_str().expect("utf-8");
+        assert_eq!(
+            parse_source(&format!("docker-archive:{saved}")).expect("ok"),
+            archive(saved, None)
+        );
+        assert_eq!(
+            parse_source(&format!("docker-archive:{saved}:busybox:latest")).expect("ok"),
+            archive(saved, Some("busybox:latest"))
+        );
     }
 }

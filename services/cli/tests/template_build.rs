@@ -1,5 +1,6 @@
-//! `nanobox template build` end to end: an OCI image built with umoci becomes an ext4
-//! rootfs that boots, with the image's layers, whiteouts and config in effect.
+//! `nanobox template build` end to end: an OCI image built with umoci (read from its
+//! layout, a registry or a docker archive) becomes an ext4 rootfs that boots, with the
+//! image's layers, whiteouts and config in effect.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -142,6 +143,106 @@ fn an_oci_image_becomes_a_bootable_rootfs() {
     assert_eq!(run.status.code(), Some(0));
 }
 
+/// The same image saved by `skopeo copy ... docker-archive:` (the format of `docker
+/// save`) into a directory whose name has a ':', built from the archive and booted.
+#[test]
+fn a_docker_archive_becomes_a_bootable_rootfs() {
+    let guest = GuestArtifacts::from_env();
+    assert!(
+        std::env::var_os("NANOBOX_INIT").is_some(),
+        "run with `cargo xtask test` (sets NANOBOX_INIT)"
+    );
+    let work = tempfile::tempdir().expect("tempdir");
+    let reference = build_image(work.path());
+    let image = reference.strip_prefix("oci-layout:").expect("layout");
+    let saved = work.path().join("app.tar");
+    sh(Command::new("skopeo")
+        .arg("copy")
+        .arg(format!("oci:{image}"))
+        .arg(format!("docker-archive:{}:demo/app:v1", saved.display())));
+    // skopeo cannot write to a path with ':'; the reference parsing must cope with one.
+    let dir = work.path().join("saved:images");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let archive = dir.join("app.tar");
+    std::fs::rename(&saved, &archive).expect("move the archive");
+    let out = work.path().join("archive.ext4");
+    let cache = work.path().join("cache");
+
+    let built = Command::new(env!("CARGO_BIN_EXE_nanobox"))
+        .env("NANOBOX_CACHE_DIR", &cache)
+        .args(["template", "build"])
+        .arg(format!("docker-archive:{}:demo/app:v1", archive.display()))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("nanobox");
+    assert!(
+        built.status.success(),
+        "template build: {}",
+        text(&built.stderr)
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&out)
+        .output()
+        .expect("e2fsck");
+    assert!(fsck.status.success(), "e2fsck: {}", text(&fsck.stdout));
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{}.config.json", out.display())).expect("config beside the image"),
+    )
+    .expect("json");
+    assert_eq!(config["working_dir"], "/etc");
+    // Imported into the shared blob cache, listed like a pull.
+    let index = std::fs::read_to_string(cache.join("oci/index.json")).expect("cache index");
+    assert!(
+        index.contains("docker-archive:docker.io/demo/app:v1"),
+        "{index}"
+    );
+
+    let script =
+        "echo \"$GREETING in $(pwd)\"; cat greeting; ls /bin/env 2>/dev/null || echo env-is-gone";
+    let run = nanobox(&[
+        "vm",
+        "run",
+        "--no-stdin",
+        "--kernel",
+        guest.kernel.to_str().expect("utf-8"),
+        "--rootfs",
+        out.to_str().expect("utf-8"),
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(
+        text(&run.stdout),
+        "hello-from-oci in /etc\nfrom the second layer\nenv-is-gone\n",
+        "stderr: {}",
+        text(&run.stderr)
+    );
+    assert_eq!(run.status.code(), Some(0));
+
+    // An archive of one image refuses a tag it does not have, naming the one it has.
+    let wrong = Command::new(env!("CARGO_BIN_EXE_nanobox"))
+        .env("NANOBOX_CACHE_DIR", &cache)
+        .args(["template", "build"])
+        .arg(format!(
+            "docker-archive:{}:demo/other:v1",
+            archive.display()
+        ))
+        .arg("-o")
+        .arg(work.path().join("wrong.ext4"))
+        .output()
+        .expect("nanobox");
+    assert_eq!(wrong.status.code(), Some(1));
+    let err = text(&wrong.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("demo/other:v1") && err.contains("docker.io/demo/app:v1"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_references_fail_with_one_line_reasons() {
     let work = tempfile::tempdir().expect("tempdir");
@@ -149,7 +250,10 @@ fn bad_references_fail_with_one_line_reasons() {
     let out = out.to_str().expect("utf-8");
     for (reference, want) in [
         ("oci-layout:/nonexistent/layout:v1", "/nonexistent/layout"),
-        ("docker-archive:/tmp/x.tar", "unsupported image reference"),
+        (
+            "docker-archive:/nonexistent/x.tar:app:v1",
+            "/nonexistent/x.tar",
+        ),
         ("Not A Reference!", "image reference"),
     ] {
         let result = nanobox(&["template", "build", reference, "-o", out]);
