@@ -2,10 +2,20 @@
 //!
 //! The caps live here, on the decompressed stream, because a few kilobytes of zstd can
 //! expand to terabytes before a single tar header looks suspicious.
+//!
+//! Reading, hashing and decompressing a blob run on a thread of their own, a few chunks
+//! ahead of the tar reader: decompression is the largest CPU cost of applying a layer,
+//! and this way it overlaps with the file system work of applying entries instead of
+//! adding to it. The thread never runs more than [`PIPELINE_CHUNKS`] chunks ahead, so the
+//! caps bound it too.
 
 use std::cell::Cell;
 use std::io::{self, BufRead, BufReader, Read};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
 
 use crate::error::{LimitKind, OciError};
 
@@ -85,24 +95,136 @@ pub(crate) struct StreamCaps {
     pub max_meta: u64,
 }
 
+/// Decompressed bytes per chunk handed from the decompression thread to the reader.
+const PIPELINE_CHUNK: usize = 1 << 20;
+/// Chunks the decompression thread may run ahead of the reader.
+const PIPELINE_CHUNKS: usize = 4;
+/// Compressed bytes read from the blob at a time.
+const BLOB_BUFFER: usize = 256 << 10;
+
 /// Counts the compressed bytes read from the blob.
 struct Counted<R> {
     inner: R,
-    count: Rc<Cell<u64>>,
+    count: Arc<AtomicU64>,
 }
 
 impl<R: Read> Read for Counted<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.count.set(self.count.get() + n as u64);
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
+    }
+}
+
+/// The reading end of the decompression thread: chunks in order, then the end (an empty
+/// chunk) or the error that stopped the thread.
+struct Pipelined {
+    chunks: Option<mpsc::Receiver<io::Result<Vec<u8>>>>,
+    current: Vec<u8>,
+    pos: usize,
+    done: bool,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Pipelined {
+    fn spawn(mut inner: Box<dyn Read + Send>) -> io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(PIPELINE_CHUNKS);
+        let thread = thread::Builder::new()
+            .name("layer-decompress".to_owned())
+            .spawn(move || loop {
+                let mut chunk = vec![0; PIPELINE_CHUNK];
+                let mut filled = 0;
+                // Full chunks: fewer hand-overs, and the reader copies out of one buffer.
+                let result = loop {
+                    match inner.read(&mut chunk[filled..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            filled += n;
+                            if filled == chunk.len() {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                chunk.truncate(filled);
+                let last = filled == 0;
+                let message = match result {
+                    Ok(()) => Ok(chunk),
+                    Err(e) => {
+                        // Data read before the error first, so the reader sees it in order.
+                        if filled > 0 && tx.send(Ok(chunk)).is_err() {
+                            return;
+                        }
+                        Err(e)
+                    }
+                };
+                let stop = last || message.is_err();
+                // A closed channel means the reader gave up: stop reading the blob.
+                if tx.send(message).is_err() || stop {
+                    return;
+                }
+            })?;
+        Ok(Self {
+            chunks: Some(rx),
+            current: Vec::new(),
+            pos: 0,
+            done: false,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Read for Pipelined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            if self.done || buf.is_empty() {
+                return Ok(0);
+            }
+            let next = match &self.chunks {
+                Some(rx) => rx.recv(),
+                None => return Ok(0),
+            };
+            match next {
+                Ok(Ok(chunk)) if chunk.is_empty() => self.done = true,
+                Ok(Ok(chunk)) => {
+                    self.current = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(mpsc::RecvError) => {
+                    self.done = true;
+                    return Err(io::Error::other("the decompression thread died"));
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Drop for Pipelined {
+    fn drop(&mut self) {
+        // Closing the channel stops the thread at its next chunk; joining it means the
+        // blob is no longer read once the layer is over (so a digest verdict the thread
+        // recorded is visible to the caller, and the file is closed).
+        self.chunks = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
 /// The decompressed stream, failing once it passes a cap.
 pub(crate) struct Capped {
     inner: Box<dyn Read>,
-    compressed: Rc<Cell<u64>>,
+    compressed: Arc<AtomicU64>,
     out: u64,
     caps: StreamCaps,
     compressed_input: bool,
@@ -135,7 +257,9 @@ impl Read for Capped {
         } else if meta_run > self.caps.max_meta {
             Some((LimitKind::HeaderSize, meta_run, self.caps.max_meta))
         } else if self.compressed_input && self.out > self.caps.ratio_floor {
-            let ratio = self.out / self.compressed.get().max(1);
+            // The thread may have read ahead of what was handed out: the ratio is measured
+            // low by at most the pipeline's few chunks, far below any cap that matters.
+            let ratio = self.out / self.compressed.load(Ordering::Relaxed).max(1);
             (ratio > self.caps.max_ratio).then_some((
                 LimitKind::CompressionRatio,
                 ratio,
@@ -152,27 +276,31 @@ impl Read for Capped {
     }
 }
 
-/// Wraps a blob in the right decoder and the caps.
-pub(crate) fn decoder<R: Read + 'static>(
+/// Wraps a blob in the right decoder (on its own thread) and the caps.
+pub(crate) fn decoder<R: Read + Send + 'static>(
     blob: R,
     compression: Compression,
     caps: StreamCaps,
     hit: LimitHit,
 ) -> io::Result<Capped> {
-    let compressed = Rc::new(Cell::new(0));
-    let mut buffered = BufReader::new(Counted {
-        inner: blob,
-        count: compressed.clone(),
-    });
+    let compressed = Arc::new(AtomicU64::new(0));
+    let mut buffered = BufReader::with_capacity(
+        BLOB_BUFFER,
+        Counted {
+            inner: blob,
+            count: compressed.clone(),
+        },
+    );
     let compression = match compression {
         Compression::Auto => Compression::sniff(buffered.fill_buf()?),
         other => other,
     };
-    let inner: Box<dyn Read> = match compression {
+    let decoded: Box<dyn Read + Send> = match compression {
         Compression::Auto | Compression::None => Box::new(buffered),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
     };
+    let inner = Box::new(Pipelined::spawn(decoded)?);
     Ok(Capped {
         inner,
         compressed,

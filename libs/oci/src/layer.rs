@@ -186,7 +186,7 @@ impl LayerApplier {
 
     /// Applies one layer stream (the whole stream is read, so a digest computed by the
     /// reader covers all of it).
-    pub fn apply<R: Read + 'static>(
+    pub fn apply<R: Read + Send + 'static>(
         &mut self,
         blob: R,
         compression: Compression,

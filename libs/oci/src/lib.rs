@@ -21,7 +21,7 @@ mod staging;
 
 pub use archive::{import_docker_archive, import_docker_archive_with, ArchiveOptions};
 pub use compression::Compression;
-pub use convert::{convert, ConvertEvent, ConvertOptions};
+pub use convert::{convert, ConvertEvent, ConvertOptions, Staging};
 pub use error::{LimitKind, OciError};
 pub use image::{Descriptor, Manifest, OciLayout, Platform, ResolvedImage, VerifiedBlob};
 pub use layer::{ApplyOptions, LayerApplier, LayerStats, Limits};

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use common::{test_image, write_oci_layout, Sandbox};
-use nanobox_oci::{convert, ConvertEvent, ConvertOptions, OciLayout, Platform};
+use common::{snapshot, test_image, write_oci_layout, Sandbox};
+use nanobox_oci::{convert, ConvertEvent, ConvertOptions, OciLayout, Platform, Staging};
 
 fn fsck(image: &Path) {
     let out = Command::new("e2fsck")
@@ -162,4 +162,57 @@ async fn a_failed_conversion_leaves_nothing_behind() {
     assert!(!events.lock().unwrap().contains(&ConvertEvent::Building));
     assert!(!out.exists());
     assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));
+}
+
+/// Converts the test image with `staging`; returns the image path.
+async fn convert_with(sb: &Sandbox, name: &str, staging: Staging) -> std::path::PathBuf {
+    let dir = sb.scratch.join("layout");
+    if !dir.exists() {
+        write_oci_layout(&dir, "v1", &test_image());
+    }
+    let layout = OciLayout::open(&dir).unwrap();
+    let image = layout
+        .resolve(Some("v1"), &Platform::linux_amd64())
+        .unwrap();
+    let init = sb.scratch.join("nanobox-init");
+    fs::write(&init, b"init").unwrap();
+    let out = sb.scratch.join(name);
+    let options = ConvertOptions {
+        staging,
+        ..ConvertOptions::default()
+    };
+    convert(layout, image, init, out.clone(), options, Arc::new(|_| {}))
+        .await
+        .unwrap();
+    fsck(&out);
+    out
+}
+
+/// The tree in an ext4 image, as `debugfs rdump` writes it out (contents, modes, owners,
+/// links, times).
+fn dump(image: &Path, into: &Path) -> std::collections::BTreeMap<String, common::Node> {
+    fs::create_dir(into).unwrap();
+    debugfs(image, &format!("rdump / {}", into.display()));
+    snapshot(into, &[])
+}
+
+#[tokio::test]
+async fn staging_in_memory_or_on_disk_makes_the_same_image() {
+    let sb = Sandbox::new();
+    let memory = sb.scratch.join("memory");
+    fs::create_dir(&memory).unwrap();
+    let a = convert_with(&sb, "disk.ext4", Staging::BesideOutput).await;
+    let b = convert_with(&sb, "memory.ext4", Staging::In(memory.clone())).await;
+    let c = convert_with(&sb, "auto.ext4", Staging::Auto).await;
+    // Each staging directory is gone.
+    assert_eq!(fs::read_dir(&memory).unwrap().count(), 0);
+    assert!(
+        leftovers(&sb.scratch).is_empty(),
+        "{:?}",
+        leftovers(&sb.scratch)
+    );
+    let disk = dump(&a, &sb.scratch.join("a"));
+    assert!(disk.contains_key("usr/bin/tool"), "{:?}", disk.keys());
+    assert_eq!(disk, dump(&b, &sb.scratch.join("b")));
+    assert_eq!(disk, dump(&c, &sb.scratch.join("c")));
 }
