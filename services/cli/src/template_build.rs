@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use nanobox_oci::registry::{DockerConfig, Reference, RegistryClient, RegistryOptions};
 use nanobox_oci::{
-    build_rootfs, import_docker_archive, ApplyOptions, Ext4Options, LayerApplier, OciLayout,
-    Platform, ResolvedImage,
+    convert, import_docker_archive, ConvertOptions, Ext4Options, OciLayout, Platform, ResolvedImage,
 };
 
 #[derive(Debug, clap::Args)]
@@ -112,16 +111,6 @@ async fn build(args: BuildArgs) -> anyhow::Result<()> {
         "guest init {} not found (give --init, set NANOBOX_INIT, or run `cargo xtask setup`)",
         init.display()
     );
-    let out_dir = match args.output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    // The staging tree lives beside the output: same filesystem, and private to us.
-    let staging = tempfile::Builder::new()
-        .prefix(".nanobox-staging-")
-        .tempdir_in(&out_dir)
-        .with_context(|| format!("creating a staging directory in {}", out_dir.display()))?;
-
     let (layout, resolved) = match source {
         ImageSource::OciLayout { dir, tag } => {
             let layout =
@@ -145,30 +134,27 @@ async fn build(args: BuildArgs) -> anyhow::Result<()> {
         ImageSource::Registry(reference) => pull(&reference, args.plain_http).await?,
     };
 
-    let root = staging.path().join("rootfs");
     let config = resolved.config.clone();
     let digest = resolved.descriptor.digest.clone();
-    tokio::task::spawn_blocking({
-        let root = root.clone();
-        move || -> anyhow::Result<()> {
-            std::fs::create_dir(&root).context("creating the staging root")?;
-            let mut applier = LayerApplier::new(&root, ApplyOptions::default())?;
-            layout
-                .apply(&resolved, &mut applier)
-                .context("applying layers")?;
-            Ok(())
-        }
-    })
-    .await
-    .context("the layer task failed")??;
-
-    let options = Ext4Options {
-        headroom_bytes: args.headroom_mb << 20,
-        ..Ext4Options::default()
+    // The same conversion the template-builder service runs: layers applied into a
+    // private staging tree beside the output, init and config injected, mkfs.
+    let options = ConvertOptions {
+        ext4: Ext4Options {
+            headroom_bytes: args.headroom_mb << 20,
+            ..Ext4Options::default()
+        },
+        ..ConvertOptions::default()
     };
-    let image = build_rootfs(root, init, config.clone(), args.output.clone(), options)
-        .await
-        .context("building the ext4 image")?;
+    let image = convert(
+        layout,
+        resolved,
+        init,
+        args.output.clone(),
+        options,
+        std::sync::Arc::new(|_| {}),
+    )
+    .await
+    .context("converting the image")?;
 
     let config_path = PathBuf::from(format!("{}.config.json", args.output.display()));
     let config = serde_json::to_vec_pretty(&config).context("encoding the image config")?;
