@@ -6,13 +6,14 @@
 //! `convert_bench convert <layout> <tag> <init> <out>`: convert the image to an ext4 at
 //! `<out>` with [`nanobox_oci::convert`] and print JSON: the seconds the call took, when
 //! the last layer was applied, and the image's size and inode count (the baseline builds
-//! an image of the same geometry).
+//! an image of the same geometry). `CONVERT_BENCH_STAGING=disk` (or `memory`) pins where
+//! the staging tree goes instead of letting `convert` choose, to measure each alone.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nanobox_oci::{convert, ConvertEvent, ConvertOptions, OciLayout, Platform};
+use nanobox_oci::{convert, ConvertEvent, ConvertOptions, OciLayout, Platform, Staging};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -55,15 +56,16 @@ async fn run(layout: &Path, tag: &str, init: PathBuf, out: PathBuf) -> Result<()
             }
         }
     });
-    let built = convert(
-        layout,
-        image,
-        init,
-        out,
-        ConvertOptions::default(),
-        on_event,
-    )
-    .await?;
+    let staging = match std::env::var("CONVERT_BENCH_STAGING").as_deref() {
+        Ok("disk") => Staging::BesideOutput,
+        Ok("memory") => Staging::In("/dev/shm".into()),
+        _ => Staging::Auto,
+    };
+    let options = ConvertOptions {
+        staging,
+        ..ConvertOptions::default()
+    };
+    let built = convert(layout, image, init, out, options, on_event).await?;
     let total = started.elapsed().as_secs_f64();
     let applied = building
         .lock()

@@ -116,6 +116,18 @@ pub struct LayerApplier {
     total: LayerStats,
     /// Reused for copying file data (large copies, few system calls).
     buffer: Vec<u8>,
+    /// The last parent directory resolved. Tar entries come grouped by directory, so most
+    /// entries share their parent with the one before, and resolving it again would
+    /// `lstat` every component once more.
+    parent_cache: Option<ParentCache>,
+}
+
+/// A parent resolution, valid while the staging root reports no removal since.
+#[derive(Debug)]
+struct ParentCache {
+    comps: Vec<OsString>,
+    real: PathBuf,
+    removals: u64,
 }
 
 /// A directory whose metadata is applied when the layer ends.
@@ -156,6 +168,7 @@ impl LayerApplier {
             options,
             total: LayerStats::default(),
             buffer: vec![0; COPY_BUFFER],
+            parent_cache: None,
         })
     }
 
@@ -205,6 +218,8 @@ impl LayerApplier {
                 source,
             })?;
         let mut archive = tar::Archive::new(stream);
+        // Each layer records the directory times it changes from its first entry on.
+        self.parent_cache = None;
         let mut state = LayerState {
             stream: hit.clone(),
             ..LayerState::default()
@@ -324,12 +339,7 @@ impl LayerApplier {
             return self.whiteout(parents, base.as_bytes(), name, state);
         }
 
-        let parent = self
-            .root
-            .resolve_dir(parents, true, name, Some(&mut state.times))?
-            .ok_or_else(|| {
-                apply_err(name, "resolving the parent", io::ErrorKind::NotFound.into())
-            })?;
+        let parent = self.parent(parents, name, state)?;
         let rel = parent.join(base);
         state.times.note(&self.root, &parent);
 
@@ -337,10 +347,10 @@ impl LayerApplier {
             return self.hardlink(entry, &rel, name, state);
         }
         let meta = read_meta(entry, name)?;
-        let slot = self.root.clear_slot(&rel, kind.is_dir(), name)?;
         let host = self.root.abs(&rel);
         match kind {
             EntryType::Directory => {
+                let slot = self.root.clear_slot(&rel, true, name)?;
                 if slot == Slot::Empty {
                     fs::DirBuilder::new()
                         .create(&host)
@@ -364,13 +374,16 @@ impl LayerApplier {
                         limits.max_total_bytes,
                     ));
                 }
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc_flags())
-                    .open(&host)
-                    .map_err(|e| apply_err(name, "creating a file", e))?;
+                // Creating first and clearing the slot only when something is there saves
+                // an lstat per file in the common case (O_EXCL never follows a symlink).
+                let mut file = match create_file(&host) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        self.root.clear_slot(&rel, false, name)?;
+                        create_file(&host)
+                    }
+                    other => other,
+                }
+                .map_err(|e| apply_err(name, "creating a file", e))?;
                 state.stream.in_data.set(true);
                 let copied = copy_data(entry, &mut file, &mut self.buffer);
                 state.stream.in_data.set(false);
@@ -385,10 +398,10 @@ impl LayerApplier {
                         ),
                     });
                 }
-                drop(file);
-                self.set_meta(&host, &meta, name, false)?;
+                self.set_file_meta(&file, &meta, name)?;
             }
             EntryType::Symlink => {
+                self.root.clear_slot(&rel, false, name)?;
                 let target = entry
                     .link_name_bytes()
                     .ok_or_else(|| bad_header(name, "symlink without a target"))?;
@@ -405,6 +418,7 @@ impl LayerApplier {
                 self.set_meta(&host, &meta, name, true)?;
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                self.root.clear_slot(&rel, false, name)?;
                 let (sflag, dev) = match kind {
                     EntryType::Fifo => (SFlag::S_IFIFO, 0),
                     _ => {
@@ -438,6 +452,60 @@ impl LayerApplier {
             }
         }
         state.created.insert(rel);
+        Ok(())
+    }
+
+    /// Resolves (creating) an entry's parent directories, reusing the last resolution
+    /// while nothing was removed since.
+    fn parent(
+        &mut self,
+        parents: &[OsString],
+        name: &str,
+        state: &mut LayerState,
+    ) -> Result<PathBuf, OciError> {
+        if let Some(cache) = &self.parent_cache {
+            if cache.removals == self.root.removals() && cache.comps == parents {
+                return Ok(cache.real.clone());
+            }
+        }
+        let real = self
+            .root
+            .resolve_dir(parents, true, name, Some(&mut state.times))?
+            .ok_or_else(|| {
+                apply_err(name, "resolving the parent", io::ErrorKind::NotFound.into())
+            })?;
+        self.parent_cache = Some(ParentCache {
+            comps: parents.to_vec(),
+            real: real.clone(),
+            removals: self.root.removals(),
+        });
+        Ok(real)
+    }
+
+    /// [`Self::set_meta`] for a regular file just written, through its descriptor: the
+    /// same calls in the same order, without resolving the path four more times.
+    fn set_file_meta(&self, file: &File, meta: &Meta, name: &str) -> Result<(), OciError> {
+        if self.options.preserve_ownership {
+            nix::unistd::fchown(
+                file,
+                Some(Uid::from_raw(meta.uid)),
+                Some(Gid::from_raw(meta.gid)),
+            )
+            .map_err(|e| apply_err(name, "chown", e.into()))?;
+        }
+        nix::sys::stat::fchmod(file, Mode::from_bits_truncate(meta.mode))
+            .map_err(|e| apply_err(name, "chmod", e.into()))?;
+        for (key, value) in &meta.xattrs {
+            rustix::fs::fsetxattr(
+                file,
+                key.as_os_str(),
+                value,
+                rustix::fs::XattrFlags::empty(),
+            )
+            .map_err(|e| apply_err(name, "setting an xattr", e.into()))?;
+        }
+        nix::sys::stat::futimens(file, &meta.mtime, &meta.mtime)
+            .map_err(|e| apply_err(name, "setting times", e.into()))?;
         Ok(())
     }
 
@@ -667,6 +735,16 @@ fn copy_data(from: &mut impl Read, to: &mut File, buffer: &mut [u8]) -> io::Resu
 
 fn libc_flags() -> i32 {
     (nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_CLOEXEC).bits()
+}
+
+/// Creates a regular file that must not exist yet (mode 0600 until its metadata is set).
+fn create_file(host: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc_flags())
+        .open(host)
 }
 
 fn limit(entry: &str, kind: LimitKind, value: u64, limit: u64) -> OciError {

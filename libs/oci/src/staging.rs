@@ -56,6 +56,10 @@ pub(crate) enum Slot {
 pub(crate) struct StagingRoot {
     root: PathBuf,
     follow_parent_symlinks: bool,
+    /// How many times [`StagingRoot::clear_slot`] removed something: a resolution made
+    /// before is still true as long as this has not moved (creating entries never turns a
+    /// real directory into something else; only a removal can).
+    removals: std::cell::Cell<u64>,
 }
 
 impl StagingRoot {
@@ -72,11 +76,17 @@ impl StagingRoot {
         Ok(Self {
             root: root.to_owned(),
             follow_parent_symlinks,
+            removals: std::cell::Cell::new(0),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.root
+    }
+
+    /// See the field: changes whenever something in the tree was removed.
+    pub fn removals(&self) -> u64 {
+        self.removals.get()
     }
 
     /// The host path of a resolved relative path.
@@ -190,11 +200,13 @@ impl StagingRoot {
                 if keep_dir {
                     return Ok(Slot::Dir);
                 }
+                self.removals.set(self.removals.get() + 1);
                 fs::remove_dir_all(&host)
                     .map_err(|e| apply_err(entry, "removing a directory", e))?;
                 Ok(Slot::Empty)
             }
             Ok(_) => {
+                self.removals.set(self.removals.get() + 1);
                 fs::remove_file(&host).map_err(|e| apply_err(entry, "removing a file", e))?;
                 Ok(Slot::Empty)
             }
