@@ -35,6 +35,9 @@ const PACKAGES: &[&str] = &[
     // A private OCI registry for the registry client tests; htpasswd for its basic auth.
     "docker-registry",
     "apache2-utils",
+    // Node storage: qemu-img for qcow2 overlays, XFS for the reflink tests.
+    "qemu-utils",
+    "xfsprogs",
 ];
 
 /// Target triple of the static guest init.
