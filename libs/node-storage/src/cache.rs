@@ -53,7 +53,9 @@ pub struct CacheOptions {
     /// happens when everything is in use).
     pub budget_bytes: u64,
     /// Bound on one download: sidecar, ext4 and verification. Concurrent acquires of the
-    /// same template wait for that download, so this bounds them too.
+    /// same template wait for that download, so this bounds them too. (A store read cut
+    /// off by it may still finish in the background; its file lands in `tmp/`, which the
+    /// next open empties.)
     pub download_timeout: Duration,
     /// Re-hash every cached file on open instead of trusting the records (size is always
     /// checked). Costs a full read of the cache; the records are only written after
@@ -133,6 +135,9 @@ struct Entry {
     in_use: usize,
     last_used: SystemTime,
     tick: u64,
+    /// Unique per entry (a tick of the clock when it was listed), so that a hold on an
+    /// entry that was dropped and fetched again cannot count against the new one.
+    generation: u64,
 }
 
 /// The record beside each cached ext4.
@@ -149,6 +154,7 @@ struct Record {
 pub struct CachedTemplate {
     inner: Arc<Inner>,
     key: ObjectKey,
+    generation: u64,
     path: PathBuf,
     info: Arc<RootfsInfo>,
 }
@@ -182,11 +188,14 @@ impl std::fmt::Debug for CachedTemplate {
 impl Clone for CachedTemplate {
     fn clone(&self) -> Self {
         if let Some(entry) = self.inner.lock().entries.get_mut(&self.key) {
-            entry.in_use += 1;
+            if entry.generation == self.generation {
+                entry.in_use += 1;
+            }
         }
         Self {
             inner: Arc::clone(&self.inner),
             key: self.key.clone(),
+            generation: self.generation,
             path: self.path.clone(),
             info: Arc::clone(&self.info),
         }
@@ -195,7 +204,7 @@ impl Clone for CachedTemplate {
 
 impl Drop for CachedTemplate {
     fn drop(&mut self) {
-        self.inner.release(&self.key);
+        self.inner.release(&self.key, self.generation);
     }
 }
 
@@ -258,6 +267,7 @@ impl TemplateCache {
             state.clock += 1;
             if let Some(entry) = entries.get_mut(&key) {
                 entry.tick = state.clock;
+                entry.generation = state.clock;
             }
         }
         state.entries = entries;
@@ -285,7 +295,9 @@ impl TemplateCache {
     /// The template stored under `key` (an ext4 key, `.../rootfs.ext4`), as a local
     /// read-only file held against eviction. On first use the sidecar and the ext4 are
     /// fetched, and the ext4 is kept only if its size and sha256 match the sidecar.
-    /// Concurrent acquires of one key download it once.
+    /// Concurrent acquires of one key download it once; if that download fails, each
+    /// waiter then tries once itself, in turn (so a transient failure does not fail them
+    /// all, and a persistent one fails each with its own error).
     pub async fn acquire(&self, key: &ObjectKey) -> Result<CachedTemplate, CacheError> {
         if let Some(hit) = self.inner.hit(key) {
             return Ok(hit);
@@ -423,10 +435,19 @@ impl Inner {
 
     /// A hold on `key` if it is cached.
     fn hit(self: &Arc<Self>, key: &ObjectKey) -> Option<CachedTemplate> {
-        let (path, info, record) = {
+        let (path, info, record, generation) = {
             let mut state = self.lock();
             let tick = state.tick();
             let entry = state.entries.get_mut(key)?;
+            // Someone deleted the file behind the cache's back (an operator clearing
+            // disk): forget the entry and let the caller fetch it again.
+            if !entry.path.is_file() {
+                tracing::warn!(%key, path = %entry.path.display(), "cached template vanished; fetching it again");
+                let record = entry.record.clone();
+                state.entries.remove(key);
+                remove_quietly(&record);
+                return None;
+            }
             entry.in_use += 1;
             entry.tick = tick;
             entry.last_used = SystemTime::now();
@@ -434,6 +455,7 @@ impl Inner {
                 entry.path.clone(),
                 Arc::clone(&entry.info),
                 entry.record.clone(),
+                entry.generation,
             )
         };
         touch(&record);
@@ -441,16 +463,21 @@ impl Inner {
         Some(CachedTemplate {
             inner: Arc::clone(self),
             key: key.clone(),
+            generation,
             path,
             info,
         })
     }
 
-    fn release(&self, key: &ObjectKey) {
+    fn release(&self, key: &ObjectKey, generation: u64) {
         let (record, victims) = {
             let mut state = self.lock();
             let tick = state.tick();
-            let Some(entry) = state.entries.get_mut(key) else {
+            let Some(entry) = state
+                .entries
+                .get_mut(key)
+                .filter(|e| e.generation == generation)
+            else {
                 return;
             };
             entry.in_use = entry.in_use.saturating_sub(1);
@@ -596,7 +623,7 @@ impl Inner {
         );
 
         let info = Arc::new(info);
-        let victims = {
+        let (victims, generation) = {
             let mut state = self.lock();
             let tick = state.tick();
             state.entries.insert(
@@ -608,15 +635,17 @@ impl Inner {
                     in_use: 1,
                     last_used: SystemTime::now(),
                     tick,
+                    generation: tick,
                 },
             );
             reservation.settle(&mut state);
-            self.evict_for(&mut state, 0)
+            (self.evict_for(&mut state, 0), tick)
         };
         delete_files(victims);
         Ok(CachedTemplate {
             inner: Arc::clone(self),
             key: key.clone(),
+            generation,
             path,
             info,
         })
@@ -810,6 +839,7 @@ fn load_record(record_path: &Path) -> Result<(ObjectKey, Entry), String> {
             in_use: 0,
             last_used,
             tick: 0,
+            generation: 0,
         },
     ))
 }

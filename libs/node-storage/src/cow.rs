@@ -14,7 +14,8 @@
 //!   [`crate::CachedTemplate`] that long).
 //! - [`CowMethod::SparseCopy`]: a real copy of the template's data extents only
 //!   (`SEEK_DATA`/`SEEK_HOLE`, `copy_file_range`), holes left as holes. Works anywhere;
-//!   costs time and disk in proportion to the data in the template.
+//!   costs time and disk in proportion to the data in the template (except on a reflink
+//!   file system, where the kernel's `copy_file_range` shares extents instead).
 //!
 //! [`CowPreference::Auto`] tries them in that order, qcow2 only when the caller says its
 //! VMM can open qcow2, and logs and reports which one it used.

@@ -449,3 +449,25 @@ async fn reopen_with_a_smaller_budget_evicts_down_to_it() {
     let cache = world.cache((IMAGE_MIB << 20) * 3 / 2, objects).await;
     assert_eq!(keys_of(&cache), vec![b], "the older one goes");
 }
+
+#[tokio::test]
+async fn a_template_deleted_behind_the_cache_is_fetched_again() {
+    let world = World::new();
+    let (key, original) = world.publish(40).await;
+    let objects = CountingStore::new(world.store.clone(), Duration::ZERO);
+    let cache = world.cache(1 << 30, objects.clone()).await;
+    let old = cache.acquire(&key).await.unwrap();
+    std::fs::remove_file(old.path()).unwrap();
+
+    let new = cache.acquire(&key).await.unwrap();
+    assert_eq!(objects.downloads(), 2);
+    assert_eq!(
+        std::fs::read(new.path()).unwrap(),
+        std::fs::read(&original).unwrap()
+    );
+    // The stale hold's release does not count against the new entry.
+    drop(old);
+    assert_eq!(cache.list()[0].in_use, 1);
+    drop(new);
+    assert_eq!(cache.list()[0].in_use, 0);
+}
