@@ -27,6 +27,15 @@ pub enum VmmError {
     /// The VMM's control channel (QMP, Firecracker API) failed or refused a command.
     #[error("VMM control: {0}")]
     Control(String),
+    /// The Firecracker API refused a request: `fault_message` is Firecracker's own reason.
+    #[error("Firecracker refused {request} ({status}): {fault_message}")]
+    FirecrackerApi {
+        /// Method and path, e.g. `PUT /drives/rootfs`.
+        request: String,
+        /// The HTTP status of the reply.
+        status: u16,
+        fault_message: String,
+    },
     /// The backend cannot do this (see [`crate::Capabilities`]).
     #[error("{backend} does not support {operation}")]
     Unsupported {

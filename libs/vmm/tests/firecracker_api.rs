@@ -3,106 +3,28 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "firecracker_schema.rs"]
+mod schema;
+
 use std::path::Path;
 
 use nanobox_vmm::firecracker::api::*;
-use nanobox_vmm::firecracker::plan::{boot_requests, PlannedRequest};
-use nanobox_vmm::{DriveSpec, VmSpec};
+use nanobox_vmm::firecracker::plan::{boot_requests, PlannedRequest, VmmPaths};
+use nanobox_vmm::firecracker::DEFAULT_BOOT_ARGS;
+use nanobox_vmm::{DriveSpec, NetSpec, RateLimit, VmSpec};
+use schema::{check, definitions, validate};
 use serde_json::Value;
 
-fn definitions() -> Value {
-    let text = include_str!("data/firecracker-definitions.json");
-    serde_json::from_str(text).expect("schema copy is JSON")
+fn boot_args() -> Vec<String> {
+    DEFAULT_BOOT_ARGS.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// Validates `value` against definition `name`: required fields present, no field the
-/// schema does not know (Firecracker denies unknown fields), types, enums and bounds.
-fn validate(defs: &Value, name: &str, value: &Value, at: &str) -> Vec<String> {
-    let mut errors = Vec::new();
-    let Some(def) = defs.get(name) else {
-        return vec![format!("{at}: no definition {name}")];
-    };
-    let Some(obj) = value.as_object() else {
-        return vec![format!("{at}: {name} must be an object, got {value}")];
-    };
-    let props = def["properties"].as_object().expect("properties");
-    for req in def["required"].as_array().expect("required") {
-        let req = req.as_str().expect("name");
-        if !obj.contains_key(req) {
-            errors.push(format!("{at}: {name} lacks required field {req}"));
-        }
+fn paths(run_dir: &str) -> VmmPaths {
+    VmmPaths {
+        kernel: "/k/vmlinux".into(),
+        rootfs: "/proc/self/fd/3".into(),
+        vsock_uds: format!("{run_dir}/v.sock"),
     }
-    for (key, v) in obj {
-        let Some(prop) = props.get(key) else {
-            errors.push(format!("{at}: {name} has no field {key}"));
-            continue;
-        };
-        errors.extend(validate_prop(defs, prop, v, &format!("{at}.{key}")));
-    }
-    errors
-}
-
-fn validate_prop(defs: &Value, prop: &Value, v: &Value, at: &str) -> Vec<String> {
-    if let Some(r) = prop.get("$ref").and_then(Value::as_str) {
-        return validate(defs, r, v, at);
-    }
-    let mut errors = Vec::new();
-    let ok = match prop["type"].as_str().expect("type") {
-        "string" => v.is_string(),
-        "integer" => v.is_i64() || v.is_u64(),
-        "boolean" => v.is_boolean(),
-        "array" => {
-            if let Some(items) = v.as_array() {
-                for (i, item) in items.iter().enumerate() {
-                    errors.extend(validate_prop(
-                        defs,
-                        &prop["items"],
-                        item,
-                        &format!("{at}[{i}]"),
-                    ));
-                }
-                true
-            } else {
-                false
-            }
-        }
-        other => panic!("schema type {other} not handled"),
-    };
-    if !ok {
-        errors.push(format!("{at}: {v} is not a {}", prop["type"]));
-    }
-    if let Some(allowed) = prop.get("enum").and_then(Value::as_array) {
-        if !allowed.contains(v) {
-            errors.push(format!("{at}: {v} is not one of {allowed:?}"));
-        }
-    }
-    if let (Some(min), Some(n)) = (prop.get("minimum").and_then(Value::as_i64), v.as_i64()) {
-        if n < min {
-            errors.push(format!("{at}: {n} < minimum {min}"));
-        }
-    }
-    if let (Some(max), Some(n)) = (prop.get("maximum").and_then(Value::as_i64), v.as_i64()) {
-        if n > max {
-            errors.push(format!("{at}: {n} > maximum {max}"));
-        }
-    }
-    errors
-}
-
-fn check(request: &PlannedRequest) {
-    let errors = validate(
-        &definitions(),
-        request.definition,
-        &request.body,
-        request.definition,
-    );
-    assert!(
-        errors.is_empty(),
-        "{} {}:\n{}",
-        request.method.as_str(),
-        request.path,
-        errors.join("\n")
-    );
 }
 
 fn limiter() -> RateLimiter {
@@ -127,8 +49,16 @@ fn the_boot_plan_matches_the_schema() {
     spec.vcpus = 2;
     spec.memory_mib = 256;
     spec.extra_kernel_args = vec!["nanobox.x=1".into()];
-    let plan = boot_requests(&spec, Path::new("/run/fc/v.sock")).expect("plan");
-    assert_eq!(plan.len(), 6);
+    spec.network = Some(NetSpec {
+        tap: "nbx-tap0".into(),
+        mac: "52:54:00:12:34:56".into(),
+        rate_limit: Some(RateLimit {
+            rate_bytes_per_sec: 12_500_000,
+            burst_bytes: 1_000_000,
+        }),
+    });
+    let plan = boot_requests(&spec, &boot_args(), &paths("/run/fc")).expect("plan");
+    assert_eq!(plan.len(), 7);
     plan.iter().for_each(check);
 }
 
@@ -315,7 +245,7 @@ async fn the_client_sends_the_plan_as_json_and_reports_faults() {
         DriveSpec::writable("/d/root.ext4"),
         "/run/fc",
     );
-    let plan = boot_requests(&spec, Path::new("/run/fc/v.sock")).expect("plan");
+    let plan = boot_requests(&spec, &boot_args(), &paths("/run/fc")).expect("plan");
     for request in &plan {
         client.send(request).await.expect("send");
         let (method, path, ctype, body) = seen.recv().await.expect("request");
@@ -341,6 +271,18 @@ async fn the_client_sends_the_plan_as_json_and_reports_faults() {
         text.contains("400") && text.contains("The drive path is invalid"),
         "{text}"
     );
+    match err {
+        nanobox_vmm::VmmError::FirecrackerApi {
+            request,
+            status,
+            fault_message,
+        } => {
+            assert_eq!(request, "PUT /drives/bad");
+            assert_eq!(status, 400);
+            assert_eq!(fault_message, "The drive path is invalid");
+        }
+        other => panic!("not a typed API error: {other:?}"),
+    }
 
     // No API socket: a clear error, not a hang.
     let gone = ApiClient::new(

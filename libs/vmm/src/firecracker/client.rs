@@ -38,8 +38,17 @@ impl ApiClient {
         &self.socket
     }
 
-    /// Sends one planned request; any non-2xx reply is an error carrying Firecracker's
-    /// `fault_message`.
+    /// The same socket with another deadline per call (snapshots take longer than
+    /// configuration).
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        Self {
+            socket: self.socket.clone(),
+            timeout,
+        }
+    }
+
+    /// Sends one planned request; any non-2xx reply is [`VmmError::FirecrackerApi`]
+    /// carrying Firecracker's `fault_message`.
     pub async fn send(&self, request: &PlannedRequest) -> Result<(), VmmError> {
         let body = serde_json::to_vec(&request.body)
             .map_err(|e| VmmError::Control(format!("encoding {}: {e}", request.definition)))?;
@@ -110,8 +119,10 @@ impl ApiClient {
         let fault = serde_json::from_slice::<ApiError>(&bytes)
             .map(|e| e.fault_message)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(200).collect());
-        Err(VmmError::Control(format!(
-            "{what} failed ({status}): {fault}"
-        )))
+        Err(VmmError::FirecrackerApi {
+            request: what.to_owned(),
+            status: status.as_u16(),
+            fault_message: fault,
+        })
     }
 }
