@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nanobox_guest_client::AgentClient;
 
-use crate::{connect_agent, Vm, VmmError};
+use crate::{connect_agent, Vm, VmState, VmmError};
 
 /// How long one attempt (connect, `CONNECT`, handshake) may take.
 const ATTEMPT: Duration = Duration::from_secs(5);
@@ -21,6 +21,12 @@ const RETRY: Duration = Duration::from_millis(50);
 pub async fn wait_for_agent(vm: &dyn Vm, timeout: Duration) -> Result<AgentClient, VmmError> {
     let deadline = Instant::now() + timeout;
     loop {
+        if vm.state() == VmState::Exited {
+            return Err(VmmError::Exited(format!(
+                "{} before the guest agent answered",
+                vm.wait().await
+            )));
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(VmmError::Timeout(timeout, "the guest agent"));
