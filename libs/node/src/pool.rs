@@ -1,0 +1,160 @@
+//! Warm pools: per template, VMs booted ahead of time so that a create only has to hand
+//! one over (configure its identity), which takes milliseconds instead of a boot.
+//!
+//! A background task tops every pool up to `min_ready` (never past `max_ready`, never
+//! past the node's capacity), right after a VM is taken and every
+//! `replenish_interval`; it retires VMs idle longer than `max_idle` (they are replaced
+//! while the pool is under `min_ready`, so long-idle VMs are recycled) and VMs of a
+//! template digest that is no longer current. Boots run in the background; a create
+//! never waits for a refill.
+
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use crate::node::{Inner, PoolState, Pooled};
+use crate::{NodeError, PoolTarget};
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The refill loop; ends when the node is dropped.
+pub(crate) async fn refiller(node: Weak<Inner>) {
+    let (interval, wake) = match node.upgrade() {
+        Some(inner) => (inner.config.pool.replenish_interval, inner.refill.clone()),
+        None => return,
+    };
+    loop {
+        {
+            let Some(inner) = node.upgrade() else { return };
+            for target in inner.config.pool.targets.clone() {
+                if let Err(e) = top_up(&inner, &target).await {
+                    tracing::debug!(template = %target.template, error = %e, "pool not topped up");
+                }
+            }
+        }
+        // Not holding the node while waiting, so that dropping it ends this loop.
+        let _ = tokio::time::timeout(interval, wake.notified()).await;
+    }
+}
+
+async fn top_up(inner: &Arc<Inner>, target: &PoolTarget) -> Result<(), NodeError> {
+    let template = inner.templates.resolve(&target.template, None).await?;
+    // Retire what is stale or idle too long.
+    let retired: Vec<Pooled> = {
+        let mut pools = lock(&inner.pools);
+        let pool = pools.entry(target.template.clone()).or_default();
+        let max_idle = inner.config.pool.max_idle;
+        let mut retired = Vec::new();
+        if pool.digest != template.digest {
+            pool.digest = template.digest.clone();
+            retired.append(&mut pool.ready);
+        }
+        let (keep, old): (Vec<Pooled>, Vec<Pooled>) = std::mem::take(&mut pool.ready)
+            .into_iter()
+            .partition(|p| p.ready_at.elapsed() < max_idle);
+        pool.ready = keep;
+        retired.extend(old);
+        retired
+    };
+    for pooled in retired {
+        tracing::info!(vm = %pooled.booted.record.vm_id, template = %target.template, "retiring a pooled VM");
+        retire(inner, pooled).await;
+    }
+    // Boot what is missing, in the background.
+    let missing = {
+        let mut pools = lock(&inner.pools);
+        let pool = pools.entry(target.template.clone()).or_default();
+        let have = pool.ready.len() as u32 + pool.starting;
+        let want = target.min_ready.min(target.max_ready);
+        let missing = want.saturating_sub(have);
+        pool.starting += missing;
+        missing
+    };
+    for _ in 0..missing {
+        let inner = inner.clone();
+        let target = target.clone();
+        let template = template.clone();
+        tokio::spawn(async move {
+            let result = boot_one(&inner, &target, &template).await;
+            let stale = {
+                let mut pools = lock(&inner.pools);
+                let pool = pools.entry(target.template.clone()).or_default();
+                pool.starting = pool.starting.saturating_sub(1);
+                match result {
+                    Ok(pooled) if pool.digest == template.digest => {
+                        pool.ready.push(pooled);
+                        None
+                    }
+                    Ok(pooled) => Some(pooled),
+                    Err(e) => {
+                        tracing::warn!(template = %target.template, error = %e, "pool boot failed");
+                        None
+                    }
+                }
+            };
+            if let Some(pooled) = stale {
+                retire(&inner, pooled).await;
+            }
+        });
+    }
+    Ok(())
+}
+
+async fn boot_one(
+    inner: &Arc<Inner>,
+    target: &PoolTarget,
+    template: &crate::ResolvedTemplate,
+) -> Result<Pooled, NodeError> {
+    inner.reserve(target.vcpus, target.memory_mb, false)?;
+    let result = async {
+        let cached = inner
+            .cache
+            .acquire(&template.rootfs_key)
+            .await
+            .map_err(|e| NodeError::Unavailable {
+                context: "fetching the template",
+                message: crate::describe(&e),
+            })?;
+        let vm_id = format!("pool-{:016x}", rand::random::<u64>());
+        inner
+            .booter
+            .boot(vm_id, template, cached, target.vcpus, target.memory_mb)
+            .await
+    }
+    .await;
+    match result {
+        Ok(booted) => {
+            tracing::info!(vm = %booted.record.vm_id, template = %target.template, boot_ms = booted.boot_time.as_millis() as u64, "pooled VM ready");
+            Ok(Pooled {
+                booted,
+                ready_at: Instant::now(),
+            })
+        }
+        Err(e) => {
+            inner.release(target.vcpus, target.memory_mb, false);
+            Err(e)
+        }
+    }
+}
+
+async fn retire(inner: &Arc<Inner>, pooled: Pooled) {
+    let booted = pooled.booted;
+    let (vcpus, memory) = (booted.record.vcpus, booted.record.memory_mb);
+    inner.booter.teardown(Some(booted.vm), &booted.record).await;
+    inner.release(vcpus, memory, false);
+}
+
+/// Destroys every pooled VM (shutdown).
+pub(crate) async fn drain(inner: &Arc<Inner>) {
+    let all: Vec<Pooled> = {
+        let mut pools = lock(&inner.pools);
+        pools
+            .values_mut()
+            .flat_map(|p: &mut PoolState| std::mem::take(&mut p.ready))
+            .collect()
+    };
+    for pooled in all {
+        retire(inner, pooled).await;
+    }
+}

@@ -1,0 +1,320 @@
+//! The node agent end to end: a real process, real guests under QEMU, a real Postgres and
+//! object store. Sandboxes are created, used and destroyed through gRPC; limits, deadlines,
+//! bad input, and a kill -9 of the agent behave as specified.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{create_request, Stack, TEMPLATE};
+use nanobox_proto::node::v1 as node;
+use nanobox_proto::v1::{self, SandboxState};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_exec_list_destroy() {
+    let stack = Stack::start(&[]).await;
+    let mut request = create_request(TEMPLATE);
+    request.resources = Some(v1::Resources {
+        vcpu: 2,
+        memory_mb: 256,
+        disk_mb: 0,
+    });
+    request.env = [("GREETING".to_owned(), "hello from env".to_owned())].into();
+    request.metadata = [("owner".to_owned(), "test".to_owned())].into();
+    let created = stack.create(request).await;
+    assert!(!created.from_pool);
+    let sandbox = created.sandbox.unwrap();
+    assert_eq!(sandbox.state(), SandboxState::Running);
+    assert_eq!(sandbox.template, TEMPLATE);
+    assert_eq!(sandbox.node_id, "node-test");
+    assert!(sandbox.boot_time_ms > 0);
+    assert!(sandbox.template_digest.starts_with("sha256:"));
+    let id = sandbox.id.clone();
+
+    // The guest is the sandbox: its hostname, its env, its vCPUs and memory.
+    let (out, err, code) = stack
+        .sh(
+            &id,
+            "hostname; echo $GREETING; nproc; grep MemTotal /proc/meminfo",
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], id);
+    assert_eq!(lines[1], "hello from env");
+    assert_eq!(lines[2], "2", "vCPUs inside equal the request");
+    let mem_kb: u64 = lines[3].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        (200_000..=262_144).contains(&mem_kb),
+        "guest memory {mem_kb} kB for 256 MiB"
+    );
+    let (out, _, code) = stack.sh(&id, "exit 7").await;
+    assert_eq!((out.as_str(), code), ("", 7));
+
+    let mut client = stack.client().await;
+    let list = client
+        .list_sandboxes(node::ListSandboxesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.sandboxes.len(), 1);
+    assert_eq!(list.sandboxes[0].state(), SandboxState::Running);
+    assert_eq!(list.sandboxes[0].metadata["owner"], "test");
+
+    let destroyed = client
+        .destroy_sandbox(node::DestroySandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destroyed.existed);
+    let got = client
+        .get_sandbox(node::GetSandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(got.state(), SandboxState::Stopped);
+    // Exec on a destroyed sandbox says so.
+    let err = client
+        .exec(v1::ExecRequest {
+            id: id.clone(),
+            command: "true".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("STOPPED"), "{err:?}");
+    // Every trace is gone.
+    assert!(stack.vmm_processes().is_empty());
+    for sub in ["vms", "disks", "run"] {
+        assert!(
+            stack.leftovers(sub).is_empty(),
+            "{sub}: {:?}",
+            stack.leftovers(sub)
+        );
+    }
+    let again = client
+        .destroy_sandbox(node::DestroySandboxRequest { sandbox_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.existed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_oom_stays_in_the_guest() {
+    let stack = Stack::start(&[]).await;
+    let id = stack
+        .create(create_request(TEMPLATE))
+        .await
+        .sandbox
+        .unwrap()
+        .id;
+    // dd's buffer is its block size: four dd's each touch 50 MB, 200 MB in a 128 MiB
+    // guest. Each allocation alone is allowed, so the guest's OOM killer has to end one;
+    // the sandbox and the host carry on.
+    stack
+        .sh(
+            &id,
+            "for i in 1 2 3 4; do dd if=/dev/zero of=/dev/null bs=50M count=40 2>/dev/null & done; wait",
+        )
+        .await;
+    let (out, _, code) = stack.sh(&id, "echo alive").await;
+    assert_eq!((out.as_str(), code), ("alive\n", 0));
+    let (out, _, _) = stack
+        .sh(&id, "dmesg | grep -ci 'out of memory' || true")
+        .await;
+    assert_ne!(out.trim(), "0", "the guest's OOM killer acted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_and_keepalive() {
+    let stack = Stack::start(&[]).await;
+    let mut short = create_request(TEMPLATE);
+    short.timeout_sec = 3;
+    let doomed = stack.create(short.clone()).await.sandbox.unwrap().id;
+    let kept = stack.create(short).await.sandbox.unwrap().id;
+    let mut client = stack.client().await;
+    let reply = client
+        .keepalive(node::KeepaliveRequest {
+            sandbox_id: kept.clone(),
+            timeout_sec: 120,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let expires = reply.expires_at.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (100..=125).contains(&(expires.seconds - now)),
+        "{expires:?}"
+    );
+
+    // Poll until the short one is gone (hang guard, not a timing assertion).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let gone = loop {
+        let got = client
+            .get_sandbox(node::GetSandboxRequest {
+                sandbox_id: doomed.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .sandbox
+            .unwrap();
+        if got.state() != SandboxState::Running {
+            break got;
+        }
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(gone.state(), SandboxState::Stopped);
+    assert!(gone.message.contains("timeout"), "{gone:?}");
+    let (out, _, _) = stack.sh(&kept, "echo still here").await;
+    assert_eq!(out, "still here\n");
+
+    let err = client
+        .keepalive(node::KeepaliveRequest {
+            sandbox_id: doomed,
+            timeout_sec: 60,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_and_a_full_node() {
+    let stack = Stack::start(&["--max-sandboxes", "1"]).await;
+    let mut client = stack.client().await;
+    let code_of = |r: Result<tonic::Response<node::CreateSandboxResponse>, tonic::Status>| {
+        let e = r.unwrap_err();
+        (e.code(), e.message().to_owned())
+    };
+
+    let (code, message) = code_of(client.create_sandbox(create_request("nope")).await);
+    assert_eq!(code, tonic::Code::NotFound);
+    assert_eq!(message, "template nope not found");
+
+    let mut big = create_request(TEMPLATE);
+    big.resources = Some(v1::Resources {
+        vcpu: 1,
+        memory_mb: 1 << 20,
+        disk_mb: 0,
+    });
+    let (code, message) = code_of(client.create_sandbox(big).await);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(message.contains("memory_mb"), "{message}");
+    let mut many = create_request(TEMPLATE);
+    many.resources = Some(v1::Resources {
+        vcpu: 999,
+        memory_mb: 128,
+        disk_mb: 0,
+    });
+    let (code, message) = code_of(client.create_sandbox(many).await);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(message.contains("vcpu"), "{message}");
+
+    // A template whose first warmup is still running.
+    let meta = stack.meta().await;
+    meta.create_task(
+        &nanobox_core::TemplateName::new("warming").unwrap(),
+        "x:1",
+        "linux/amd64",
+    )
+    .await
+    .unwrap();
+    let (code, message) = code_of(client.create_sandbox(create_request("warming")).await);
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+    assert_eq!(
+        message,
+        "template warming is not ready (its warmup is QUEUED)"
+    );
+
+    stack.create(create_request(TEMPLATE)).await;
+    let (code, message) = code_of(client.create_sandbox(create_request(TEMPLATE)).await);
+    assert_eq!(code, tonic::Code::ResourceExhausted);
+    assert_eq!(message, "node is full: sandboxes: 1 of 1 running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_agent_leaves_no_orphans() {
+    let mut stack = Stack::start(&[]).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            stack
+                .create(create_request(TEMPLATE))
+                .await
+                .sandbox
+                .unwrap()
+                .id,
+        );
+    }
+    assert_eq!(stack.vmm_processes().len(), 3);
+    stack.agent.take().unwrap().kill9();
+    // The VMs outlive the agent (they are not its children's children to kill).
+    assert_eq!(stack.vmm_processes().len(), 3);
+
+    stack.start_agent();
+    // Recovery destroyed them and reports each as lost.
+    let list = stack
+        .client()
+        .await
+        .list_sandboxes(node::ListSandboxesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut listed: Vec<_> = list.sandboxes.iter().map(|s| s.id.clone()).collect();
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+    for s in &list.sandboxes {
+        assert_eq!(s.state(), SandboxState::Lost, "{s:?}");
+        assert!(s.message.contains("restarted"), "{s:?}");
+    }
+    assert!(stack.vmm_processes().is_empty());
+    for sub in ["vms", "disks", "run"] {
+        assert!(
+            stack.leftovers(sub).is_empty(),
+            "{sub}: {:?}",
+            stack.leftovers(sub)
+        );
+    }
+    // cgroups of those VMs are gone too (where this host has writable ones).
+    for root in [
+        "/sys/fs/cgroup/memory/nanobox",
+        "/sys/fs/cgroup/cpu/nanobox",
+        "/sys/fs/cgroup/nanobox",
+    ] {
+        if let Ok(entries) = std::fs::read_dir(root) {
+            let left: Vec<_> = entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| ids.iter().any(|id| id.eq_ignore_ascii_case(n)))
+                .collect();
+            assert!(left.is_empty(), "{root}: {left:?}");
+        }
+    }
+    // And the node works.
+    let id = stack
+        .create(create_request(TEMPLATE))
+        .await
+        .sandbox
+        .unwrap()
+        .id;
+    let (out, _, _) = stack.sh(&id, "echo ok").await;
+    assert_eq!(out, "ok\n");
+}
