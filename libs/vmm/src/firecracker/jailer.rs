@@ -158,7 +158,7 @@ pub fn link_restore_files(
     make_owned_dir(jailer, &dir)?;
     for (source, name) in snapshot_files {
         let target = dir.join(name);
-        link_or_copy(source, &target)?;
+        link_or_copy(&resolve("snapshot file", source)?, &target)?;
         chown(jailer, &target)?;
     }
     Ok(())
@@ -174,8 +174,19 @@ pub fn make_owned_dir(jailer: &JailerConfig, dir: &Path) -> Result<(), VmmError>
     chown(jailer, dir)
 }
 
+/// `path` with every symlink resolved: link(2) links a symlink itself, and a symlink
+/// (relative or not) points nowhere useful inside the jail.
+fn resolve(what: &'static str, path: &Path) -> Result<PathBuf, VmmError> {
+    std::fs::canonicalize(path).map_err(|source| VmmError::MissingFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn link_kernel(jailer: &JailerConfig, kernel: &Path, target: &Path) -> Result<(), VmmError> {
     use std::os::unix::fs::PermissionsExt;
+    let kernel = &resolve("kernel", kernel)?;
     let meta = std::fs::metadata(kernel).map_err(|source| VmmError::MissingFile {
         what: "kernel",
         path: kernel.to_path_buf(),
@@ -195,6 +206,7 @@ fn link_kernel(jailer: &JailerConfig, kernel: &Path, target: &Path) -> Result<()
 }
 
 fn link_disk(jailer: &JailerConfig, disk: &Path, target: &Path) -> Result<(), VmmError> {
+    let disk = &resolve("rootfs", disk)?;
     if let Err(e) = std::fs::hard_link(disk, target) {
         if e.raw_os_error() == Some(libc::EXDEV) {
             return Err(VmmError::InvalidSpec(format!(
@@ -448,7 +460,11 @@ mod tests {
     fn the_chroot_holds_links_to_the_kernel_and_disk_owned_by_the_jail_user() {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let dir = tempfile::tempdir().expect("tempdir");
-        let kernel = dir.path().join("vmlinux");
+        // The kernel is named through a relative symlink, as the build cache does.
+        std::fs::create_dir(dir.path().join("k1")).expect("mkdir");
+        let kernel = dir.path().join("k1/vmlinux");
+        let kernel_link = dir.path().join("vmlinux");
+        std::os::unix::fs::symlink("k1/vmlinux", &kernel_link).expect("symlink");
         let disk = dir.path().join("disk.ext4");
         std::fs::write(&kernel, b"kernel").expect("write");
         std::fs::write(&disk, b"disk").expect("write");
@@ -461,7 +477,7 @@ mod tests {
         j.chroot_base = dir.path().join("jails");
         let spec = VmSpec::new(
             "vm-9",
-            &kernel,
+            &kernel_link,
             DriveSpec::writable(&disk),
             dir.path().join("run"),
         );
@@ -473,6 +489,8 @@ mod tests {
         assert_eq!(layout.root(), root);
         let ino = |p: &Path| std::fs::metadata(p).expect("stat").ino();
         assert_eq!(ino(&root.join("vmlinux")), ino(&kernel), "kernel is linked");
+        let linked = std::fs::symlink_metadata(root.join("vmlinux")).expect("lstat");
+        assert!(linked.is_file(), "the jail got the symlink, not the kernel");
         assert_eq!(ino(&root.join("rootfs.ext4")), ino(&disk), "disk is linked");
         assert_eq!(std::fs::metadata(&root).expect("stat").uid(), j.uid);
 

@@ -1,7 +1,7 @@
 //! Can Firecracker run here? The binaries, KVM, and (given a kernel) a real boot.
 //!
 //! `/dev/kvm` being openable is not enough: on a nested PVM host it exists, KVM_CREATE_VM
-//! may even succeed, and still no normal guest runs. So the full check boots the kernel
+//! succeeds (seen on the project's build machine), and still no normal guest runs. So the full check boots the kernel
 //! once with no disk and a short deadline: a kernel that runs to its "cannot mount root"
 //! panic proves KVM works for Firecracker. The probe runs Firecracker directly (not
 //! jailed): it is about the host, not the jail's permissions.
@@ -52,7 +52,7 @@ impl std::fmt::Display for Unavailable {
             Self::KvmNotUsable(why) => write!(f, "/dev/kvm not usable: {why}"),
             Self::CannotBoot(why) => write!(
                 f,
-                "/dev/kvm not usable: Firecracker could not boot a guest: {why}"
+                "/dev/kvm not usable for a normal guest (a probe boot failed): {why}"
             ),
         }
     }
