@@ -1,0 +1,103 @@
+//! The external tools this crate drives: `nft` (rulesets are fed on stdin so each one
+//! applies as one atomic transaction) and `tc` (netlink crates do not build `tbf`
+//! qdiscs). Commands for another namespace run under `nsenter --net=<path>`, which
+//! enters it before exec without this process ever changing namespace.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt as _;
+
+use crate::NetError;
+
+/// Runs `program args` in the namespace `ns` (`None`: this process's own), with `stdin`
+/// when given, and returns its stdout. A failure carries the command and its stderr.
+pub(crate) async fn run(
+    ns: Option<&Path>,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, NetError> {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut cmd = tokio::process::Command::new("nsenter");
+            cmd.arg(format!("--net={}", ns.display()))
+                .arg("--")
+                .arg(program);
+            cmd
+        }
+        None => tokio::process::Command::new(program),
+    };
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let shown = describe(ns, program, args);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| NetError::io(format!("starting `{shown}`"), e))?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .await
+            .map_err(|e| NetError::io(format!("writing to `{shown}`"), e))?;
+        // Dropping the pipe closes it: the program sees the end of its input.
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| NetError::io(format!("waiting for `{shown}`"), e))?;
+    if !out.status.success() {
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if stderr.is_empty() {
+            stderr = "(no output on stderr)".into();
+        }
+        if let Some(text) = stdin {
+            // nft names the failing line by number: give the reader the input too.
+            stderr.push_str(&format!("\ninput was:\n{text}"));
+        }
+        return Err(NetError::Command {
+            command: shown,
+            status: out.status.to_string(),
+            stderr,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn describe(ns: Option<&Path>, program: &str, args: &[&str]) -> String {
+    let mut text = String::new();
+    if let Some(ns) = ns {
+        text.push_str(&format!("nsenter --net={} -- ", ns.display()));
+    }
+    text.push_str(program);
+    for arg in args {
+        text.push(' ');
+        text.push_str(arg);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn failures_carry_the_command_and_stderr() {
+        let ok = run(None, "sh", &["-c", "cat"], Some("hello"))
+            .await
+            .unwrap();
+        assert_eq!(ok, "hello");
+        let err = run(None, "sh", &["-c", "echo broken >&2; exit 3"], None)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("sh -c echo broken"), "{text}");
+        assert!(text.contains("broken"), "{text}");
+        assert!(text.contains("exit status: 3"), "{text}");
+    }
+}
