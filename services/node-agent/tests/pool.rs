@@ -1,0 +1,96 @@
+//! The warm pool through the node agent: VMs booted ahead, taken by creates (and
+//! indistinguishable from cold ones inside), refilled in the background, and retired
+//! after `max_idle_sec`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{create_request, Stack, TEMPLATE};
+
+/// VMs waiting in the pool: recorded, and not (yet) serving a sandbox.
+fn pooled_vms(stack: &Stack) -> BTreeSet<String> {
+    stack
+        .leftovers("vms")
+        .into_iter()
+        .filter(|name| {
+            let path = stack.state_dir().join("vms").join(name);
+            let Ok(data) = std::fs::read(path) else {
+                return false;
+            };
+            let record: serde_json::Value = serde_json::from_slice(&data).unwrap();
+            record["sandbox_id"].is_null() && record["pid"].is_u64()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_boots_ahead_hands_over_refills_and_retires() {
+    let stack = Stack::start(&[
+        "--pool",
+        &format!("{TEMPLATE}:2:3:1:128"),
+        "--replenish-interval-sec",
+        "1",
+        "--max-idle-sec",
+        "20",
+    ])
+    .await;
+    let ready = |n: u32| move |s: &nanobox_proto::node::v1::NodeStatus| s.pools[0].ready == n;
+    let status = stack
+        .wait_status("two VMs booted ahead", Duration::from_secs(240), ready(2))
+        .await;
+    assert_eq!(status.pools[0].template, TEMPLATE);
+    assert_eq!(
+        (status.pools[0].min_ready, status.pools[0].max_ready),
+        (2, 3)
+    );
+    assert!(status.sandboxes.is_empty(), "pooled VMs are not sandboxes");
+    let first_generation = pooled_vms(&stack);
+    assert_eq!(first_generation.len(), 2);
+
+    // Two creates take the two ready VMs; each is its own sandbox inside.
+    let mut ids = Vec::new();
+    for greeting in ["one", "two"] {
+        let mut request = create_request(TEMPLATE);
+        request.env = [("GREETING".to_owned(), greeting.to_owned())].into();
+        let created = stack.create(request).await;
+        assert!(created.from_pool, "{created:?}");
+        let id = created.sandbox.unwrap().id;
+        let (out, _, code) = stack.sh(&id, "hostname; echo $GREETING").await;
+        assert_eq!(code, 0);
+        assert_eq!(out, format!("{id}\n{greeting}\n"));
+        ids.push(id);
+    }
+    // A different size does not match the pool: a cold boot.
+    let mut bigger = create_request(TEMPLATE);
+    bigger.resources = Some(nanobox_proto::v1::Resources {
+        vcpu: 1,
+        memory_mb: 192,
+        disk_mb: 0,
+    });
+    assert!(!stack.create(bigger).await.from_pool);
+
+    // Refill follows in the background.
+    stack
+        .wait_status("the pool refilled", Duration::from_secs(240), ready(2))
+        .await;
+    let second_generation = pooled_vms(&stack);
+    assert!(second_generation.is_disjoint(&first_generation));
+
+    // Idle VMs are retired after max_idle_sec and replaced (min_ready stays 2).
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let now = pooled_vms(&stack);
+        if now.is_disjoint(&second_generation) && now.len() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never retired: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
