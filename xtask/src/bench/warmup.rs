@@ -159,12 +159,36 @@ fn baseline(
     })
 }
 
-/// A full warmup through the template-builder service from a local registry until the
-/// template is ready, one sample per round; `None` while there is no such service.
-///
-/// Filled in by the template-builder service work.
-fn warmup_from_registry(_layout: &Path, _rounds: usize) -> anyhow::Result<Option<Vec<f64>>> {
-    Ok(None)
+/// A full warmup through the template-builder's gRPC API from a local registry until the
+/// template is READY, with empty caches (a fresh builder, database and object store per
+/// round), one sample per round. Runs the release-built `warmup_bench` example.
+fn warmup_from_registry(init: &Path, rounds: usize) -> anyhow::Result<Option<Vec<f64>>> {
+    setup::step("building the template-builder and its benchmark client (release)");
+    setup::cargo(&[
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "nanobox-template-builder",
+        "--bin",
+        "template-builder",
+        "--example",
+        "warmup_bench",
+    ])?;
+    setup::step(&format!(
+        "{rounds} warmups through the template-builder from the local registry"
+    ));
+    let out = Command::new("target/release/examples/warmup_bench")
+        .arg("target/release/template-builder")
+        .arg(init)
+        .arg(rounds.to_string())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running warmup_bench")?;
+    anyhow::ensure!(out.status.success(), "warmup_bench failed");
+    let samples: Vec<f64> = serde_json::from_slice(&out.stdout)
+        .context("reading warmup_bench's samples")?;
+    Ok(Some(samples))
 }
 
 fn fsck(image: &Path) -> anyhow::Result<()> {
@@ -267,7 +291,7 @@ fn run(guest: &Guest, layout: &Path, work: &Path) -> anyhow::Result<()> {
     // The last NanoBox image must still be a clean file system.
     fsck(&nanobox_out)?;
 
-    let registry = warmup_from_registry(layout, WARMUP_ROUNDS)?;
+    let registry = warmup_from_registry(&guest.init, WARMUP_ROUNDS)?;
 
     let umoci_s: Vec<f64> = umoci.iter().map(|b| b.seconds).collect();
     let unpack_s: Vec<f64> = umoci.iter().map(|b| b.unpack_seconds).collect();
