@@ -350,7 +350,8 @@ fn serve(conn: TcpStream, tag: &str, log: &Mutex<Vec<Transfer>>) -> std::io::Res
 }
 
 /// A resolver on `addr:53` (UDP) in namespace `ns` that answers A queries for
-/// [`INTERNET_NAME`] with [`INTERNET_SERVER`] and everything else with NXDOMAIN.
+/// [`INTERNET_NAME`] with [`INTERNET_SERVER`], its other types with no records, and every
+/// other name with NXDOMAIN.
 pub fn start_dns(ns: &str, addr: Ipv4Addr) {
     let socket = in_netns(ns, move || UdpSocket::bind((addr, 53)).unwrap());
     std::thread::spawn(move || {
@@ -378,10 +379,12 @@ fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
     let question_end = i + 5;
     let qtype = u16::from_be_bytes([*query.get(i + 1)?, *query.get(i + 2)?]);
     let name = labels.join(".");
-    let found = name == INTERNET_NAME && qtype == 1;
+    let known = name == INTERNET_NAME;
+    // Only an A record; other types of the known name get an empty answer (NODATA).
+    let found = known && qtype == 1;
     let mut reply = query[..2].to_vec();
     // Response, recursion available; rcode 0 or 3 (NXDOMAIN).
-    reply.extend_from_slice(&[0x81, if found { 0x80 } else { 0x83 }]);
+    reply.extend_from_slice(&[0x81, if known { 0x80 } else { 0x83 }]);
     reply.extend_from_slice(&[0, 1, 0, u8::from(found), 0, 0, 0, 0]);
     reply.extend_from_slice(query.get(12..question_end)?);
     if found {
