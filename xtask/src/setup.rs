@@ -38,6 +38,9 @@ const PACKAGES: &[&str] = &[
     // Node storage: qemu-img for qcow2 overlays, XFS for the reflink tests.
     "qemu-utils",
     "xfsprogs",
+    // Sandbox networking (libs/net): nft for its firewall, ip and tc from iproute2.
+    "nftables",
+    "iproute2",
 ];
 
 /// Target triple of the static guest init.
