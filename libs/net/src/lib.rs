@@ -49,7 +49,9 @@
 //! cannot create one. Firewall rules are `nft -f -` (atomic transactions) and rate
 //! limits `tc`; both run in a sandbox's namespace through `nsenter --net`.
 //!
-//! Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `nft`, `tc` and `nsenter`. On a host
+//! Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `nft`, `tc` and `nsenter`. Setup turns
+//! on IPv4 forwarding in the host namespace (`net.ipv4.ip_forward`, global in the root
+//! namespace). Sandbox namespaces have IPv6 turned off: the policy is IPv4. On a host
 //! whose iptables `FORWARD` policy drops (Docker sets that), forwarded sandbox traffic
 //! also needs accepting there; this crate touches no table but its own.
 

@@ -78,9 +78,9 @@ impl Netlink {
     /// The index of `name`, which must exist.
     pub async fn require(&self, name: &str) -> Result<u32, NetError> {
         self.index(name).await?.ok_or_else(|| {
-            NetError::netlink(
+            NetError::io(
                 format!("link {name} not found in {}", self.ns),
-                rtnetlink::Error::RequestFailed,
+                std::io::ErrorKind::NotFound.into(),
             )
         })
     }

@@ -187,8 +187,10 @@ impl NodeNetwork {
 
     /// Creates the network of sandbox `id`: its namespace, and unless `mode` is
     /// isolated a TAP with the fixed guest address behind 1:1 NAT to a leased subnet
-    /// address, the mode's firewall, and the rate limit. On failure everything this call
-    /// made is removed again.
+    /// address, the mode's firewall, and the rate limit (applied in any mode that has an
+    /// interface; `nanobox_core::NetworkSpec` allows one in internet mode only). On
+    /// failure everything this call made is removed again. A record left by a create
+    /// that crashed half-way is reused, with its address and rate limit.
     pub async fn create(
         &self,
         id: &str,
@@ -208,13 +210,35 @@ impl NodeNetwork {
             blocking(move || reg.insert(&id, mode_text, mode != NetworkMode::Isolated, rate))
                 .await?
         };
-        // A record left by a create that crashed half-way is reused (same address);
-        // one for another mode means a caller confused two sandboxes.
+        // One for another mode means a caller confused two sandboxes.
         if record.mode != mode.as_str() {
             return Err(NetError::AlreadyExists(id.to_owned()));
         }
-        let built = self.build(id, &name, &record).await;
-        match built {
+        let release = || async {
+            if new {
+                let (reg, key) = (self.registry.clone(), id.to_owned());
+                if let Err(e) = blocking(move || reg.remove(&key)).await {
+                    tracing::warn!(sandbox_id = id, error = %e, "releasing the lease of a failed create");
+                }
+            }
+        };
+        // Outside the clean-up below: a namespace that exists already belongs to a
+        // concurrent create of the same id, which this failure must not tear down.
+        let path = match netns::create(&name).await {
+            Ok(path) => path,
+            Err(e) => {
+                release().await;
+                return Err(match e {
+                    NetError::Io { source, .. }
+                        if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                    {
+                        NetError::AlreadyExists(id.to_owned())
+                    }
+                    e => e,
+                });
+            }
+        };
+        match self.build(id, &path, &record).await {
             Ok(network) => {
                 tracing::info!(sandbox_id = id, %mode, address = ?record.address, "sandbox network created");
                 Ok(network)
@@ -224,27 +248,36 @@ impl NodeNetwork {
                 if let Err(cleanup) = self.remove_resources(&name, &record).await {
                     tracing::warn!(sandbox_id = id, error = %cleanup, "cleanup after a failed create");
                 }
-                if new {
-                    let (reg, id) = (self.registry.clone(), id.to_owned());
-                    let _ = blocking(move || reg.remove(&id)).await;
-                }
+                release().await;
                 Err(e)
             }
         }
     }
 
+    /// Fills the fresh namespace at `path`.
     async fn build(
         &self,
         id: &str,
-        name: &str,
+        path: &Path,
         record: &Record,
     ) -> Result<SandboxNetwork, NetError> {
-        let path = netns::create(name).await?;
         let mode = parse_mode(&record.mode);
+        let ns = Some(path);
+        // The policy is IPv4 (`table ip`): with IPv6 off in the namespace a guest has no
+        // IPv6 path at all, not even to the namespace's own link-local addresses. Set
+        // before any device exists, so that every device inherits it.
+        for scope in ["all", "default"] {
+            let key = format!("net.ipv6.conf.{scope}.disable_ipv6");
+            match netns::sysctl(ns, &key, "1").await {
+                // A kernel without IPv6: nothing to turn off.
+                Err(NetError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+        }
         let Some(routable) = record.address else {
             return Ok(self.network(id, record));
         };
-        let ns = Some(path.as_path());
         let inside = Netlink::connect(ns).await?;
         let lo = inside.require("lo").await?;
         inside.up(lo).await?;
@@ -298,7 +331,7 @@ impl NodeNetwork {
             network.interface.as_ref().and_then(|i| i.rate_limit),
             self.config.rate_limiter,
         ) {
-            shaping::apply(&path, limit).await?;
+            shaping::apply(path, limit).await?;
         }
         if mode == NetworkMode::Internet {
             let member = firewall::internet_member(routable, true);

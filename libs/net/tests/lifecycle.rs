@@ -69,6 +69,12 @@ async fn create_then_destroy_leaves_no_namespace_link_rule_or_lease() {
         let routable = net.interface.as_ref().unwrap().routable_address.to_string();
         assert!(addrs.contains(&format!("{routable}/16")), "{addrs}");
         assert!(addrs.contains("169.254.0.1/30"), "{addrs}");
+        // The policy is IPv4: IPv6 is off on the guest's TAP.
+        let v6 = in_sandbox(
+            &net.netns,
+            &["cat", "/proc/sys/net/ipv6/conf/tap0/disable_ipv6"],
+        );
+        assert_eq!(v6.trim(), "1");
         let rules = in_sandbox(&net.netns, &["nft", "list", "table", "ip", "nanobox"]);
         assert!(rules.contains(&format!("snat to {routable}")), "{rules}");
     }
