@@ -278,6 +278,16 @@ impl NodeNetwork {
         let Some(routable) = record.address else {
             return Ok(self.network(id, record));
         };
+        // Rules first (they name devices, which need not exist yet): no packet ever
+        // crosses the namespace unfiltered.
+        let rules = firewall::sandbox_ruleset(&SandboxRules {
+            mode,
+            routable,
+            subnet: self.config.subnet,
+            dns: self.config.dns_server,
+            services: &self.config.internal_services,
+        });
+        command::run(ns, "nft", &["-f", "-"], Some(&rules)).await?;
         let inside = Netlink::connect(ns).await?;
         let lo = inside.require("lo").await?;
         inside.up(lo).await?;
@@ -318,14 +328,6 @@ impl NodeNetwork {
         inside.add_default_route(self.config.gateway()).await?;
         netns::sysctl(ns, "net.ipv4.ip_forward", "1").await?;
 
-        let rules = firewall::sandbox_ruleset(&SandboxRules {
-            mode,
-            routable,
-            subnet: self.config.subnet,
-            dns: self.config.dns_server,
-            services: &self.config.internal_services,
-        });
-        command::run(ns, "nft", &["-f", "-"], Some(&rules)).await?;
         let network = self.network(id, record);
         if let (Some(limit), RateLimiter::Tc) = (
             network.interface.as_ref().and_then(|i| i.rate_limit),
