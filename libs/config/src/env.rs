@@ -74,6 +74,7 @@ pub(crate) const KEYS: &[(&str, &str, Kind)] = &[
     ("network", "internal_services", List),
     ("network", "default_rate_limit_mbps", Int),
     ("network", "host_netns", Str),
+    ("network", "netns_prefix", Str),
     ("oci", "cache_dir", Str),
     ("oci", "init_binary", Str),
     ("oci", "dns_server", Str),

@@ -469,6 +469,10 @@ pub struct NetworkConfig {
     /// absolute path. Default: the agent's own namespace. Tests use a private one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_netns: Option<String>,
+    /// Sandbox network namespaces are named `<netns_prefix><vm id>`; only names with
+    /// this prefix are ever cleaned up, so two agents sharing a host (tests) need
+    /// different prefixes. Default `nbx-`.
+    pub netns_prefix: String,
 }
 
 impl Default for NetworkConfig {
@@ -481,6 +485,7 @@ impl Default for NetworkConfig {
             internal_services: Vec::new(),
             default_rate_limit_mbps: None,
             host_netns: None,
+            netns_prefix: "nbx-".to_owned(),
         }
     }
 }

@@ -299,6 +299,17 @@ impl Checker<'_> {
         if let Some(rate) = n.default_rate_limit_mbps {
             self.at_least(k("default_rate_limit_mbps"), rate, 1);
         }
+        let prefix_ok = !n.netns_prefix.is_empty()
+            && n.netns_prefix.len() <= 32
+            && n.netns_prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !prefix_ok {
+            self.fail(
+                k("netns_prefix"),
+                format!("{:?} must be 1 to 32 of [a-z0-9-]", n.netns_prefix),
+            );
+        }
         if let Some(netns) = &n.host_netns {
             let named = !netns.is_empty()
                 && netns.len() <= 255

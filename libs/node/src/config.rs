@@ -27,6 +27,9 @@ pub struct PoolTarget {
     /// The size of pooled VMs; creates asking for another size boot cold.
     pub vcpus: u32,
     pub memory_mb: u32,
+    /// The network mode pooled VMs are booted with (their device and firewall exist
+    /// from boot); creates asking for another mode boot cold.
+    pub network_mode: nanobox_core::NetworkMode,
 }
 
 /// Warm pool settings.
@@ -77,6 +80,11 @@ pub struct NodeConfig {
     /// How long a guest may take to boot before the create fails.
     pub boot_timeout: Duration,
     pub pool: PoolConfig,
+    /// Sandbox networking; `None` runs VMs without network namespaces and allows only
+    /// isolated sandboxes.
+    pub network: Option<nanobox_net::NodeNetworkConfig>,
+    /// The egress limit of internet-mode sandboxes whose request sets none, bytes/s.
+    pub default_rate_limit: Option<u64>,
 }
 
 impl NodeConfig {
@@ -100,6 +108,8 @@ impl NodeConfig {
             vmm_overhead_mb: 192,
             boot_timeout: Duration::from_secs(120),
             pool: PoolConfig::default(),
+            network: None,
+            default_rate_limit: None,
         }
     }
 }

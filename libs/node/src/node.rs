@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 
 use crate::cgroup::CgroupLayout;
 use crate::record::{RecordStore, VmRecord};
-use crate::vm::{now_ms, BootedVm, Booter};
+use crate::vm::{now_ms, BootedVm, Booter, VmShape};
 use crate::{NodeConfig, NodeError, ResolvedTemplate, Templates};
 
 /// How long a configure call to a fresh guest may take.
@@ -184,6 +184,16 @@ impl Node {
                 crate::describe(&e)
             ))
         })?;
+        let network =
+            match &config.network {
+                Some(net) => Some(nanobox_net::NodeNetwork::setup(net.clone()).await.map_err(
+                    |e| NodeError::Unavailable {
+                        context: "setting up the node network",
+                        message: crate::describe(&e),
+                    },
+                )?),
+                None => None,
+            };
         let cgroups = CgroupLayout::detect();
         if cgroups == CgroupLayout::Unavailable {
             tracing::warn!("no writable cgroup cpu/memory controllers: VMs are limited by their own vCPU and memory settings only");
@@ -191,6 +201,7 @@ impl Node {
         let inner = Arc::new(Inner {
             booter: Booter {
                 config: config.clone(),
+                network,
                 backend,
                 records,
                 cgroups,
@@ -235,6 +246,16 @@ impl Node {
                 self.inner.tombstone(info);
             }
         }
+        if let Some(net) = &booter.network {
+            // Every sandbox network of the previous run (none of its VMs survive).
+            match net.cleanup_orphans(&[]).await {
+                Ok(removed) if !removed.is_empty() => {
+                    tracing::warn!(?removed, "removed sandbox networks left by a previous run")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not clean up old sandbox networks"),
+            }
+        }
         // Files no record names: a crash between creating them and recording them is
         // impossible (records come first), but stray files from older versions are not.
         for dir in ["disks", "run"] {
@@ -255,12 +276,15 @@ impl Node {
     pub async fn create(&self, request: CreateRequest) -> Result<Created, NodeError> {
         let inner = &self.inner;
         let spec = &request.spec;
-        if spec.network.mode() != NetworkMode::Isolated {
-            return Err(NodeError::FailedPrecondition(format!(
-                "network mode {} is not available on this node",
-                spec.network.mode()
-            )));
-        }
+        let mode = spec.network.mode();
+        let rate_limit = match mode {
+            NetworkMode::Internet => spec
+                .network
+                .egress_rate_bps()
+                .or(inner.config.default_rate_limit)
+                .map(rate_limit),
+            _ => None,
+        };
         let timeout = spec.timeout.unwrap_or(inner.config.default_timeout);
         if timeout > inner.config.max_timeout {
             return Err(NodeError::InvalidArgument {
@@ -284,7 +308,14 @@ impl Node {
         let vcpus = spec.resources.vcpu();
         let memory_mb = spec.resources.memory_mb();
 
-        let (booted, from_pool) = match inner.take_pooled(&template, vcpus, memory_mb)? {
+        // Pooled VMs have the node's default limits; an explicit one needs its own boot.
+        let poolable = spec.network.egress_rate_bps().is_none();
+        let pooled = if poolable {
+            inner.take_pooled(&template, vcpus, memory_mb, mode)?
+        } else {
+            None
+        };
+        let (booted, from_pool) = match pooled {
             Some(booted) => (booted, true),
             None => {
                 inner.reserve(vcpus, memory_mb, true)?;
@@ -299,7 +330,17 @@ impl Node {
                         })?;
                     inner
                         .booter
-                        .boot(vm_id_for(&id), &template, cached, vcpus, memory_mb)
+                        .boot(
+                            vm_id_for(&id),
+                            &template,
+                            cached,
+                            VmShape {
+                                vcpus,
+                                memory_mb,
+                                mode,
+                                rate_limit,
+                            },
+                        )
                         .await
                 }
                 .await;
@@ -486,6 +527,15 @@ impl Node {
     }
 }
 
+/// A token bucket for `rate` bytes per second: a quarter second of burst (at least
+/// 64 KiB), so short bursts pass and the average holds.
+pub(crate) fn rate_limit(rate: u64) -> nanobox_vmm::RateLimit {
+    nanobox_vmm::RateLimit {
+        rate_bytes_per_sec: rate,
+        burst_bytes: (rate / 4).max(64 << 10),
+    }
+}
+
 fn vm_id_for(id: &SandboxId) -> String {
     id.as_str().to_ascii_lowercase()
 }
@@ -602,6 +652,7 @@ impl Inner {
         template: &ResolvedTemplate,
         vcpus: u32,
         memory_mb: u32,
+        mode: NetworkMode,
     ) -> Result<Option<BootedVm>, NodeError> {
         let mut pools = lock(&self.pools);
         let Some(pool) = pools.get_mut(&template.name) else {
@@ -610,11 +661,11 @@ impl Inner {
         if pool.digest != template.digest {
             return Ok(None);
         }
-        let Some(pos) = pool
-            .ready
-            .iter()
-            .position(|p| p.booted.record.vcpus == vcpus && p.booted.record.memory_mb == memory_mb)
-        else {
+        let Some(pos) = pool.ready.iter().position(|p| {
+            p.booted.record.vcpus == vcpus
+                && p.booted.record.memory_mb == memory_mb
+                && p.booted.record.network_mode == mode.as_str()
+        }) else {
             return Ok(None);
         };
         {
@@ -651,6 +702,7 @@ impl Inner {
             mut record,
             template,
             boot_time,
+            network,
             ..
         } = booted;
         let configure = ConfigureRequest {
@@ -665,7 +717,7 @@ impl Inner {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            network: None,
+            network: network.as_ref().and_then(|n| n.guest_config()),
             start_sshd: false,
         };
         let now = now_ms();
@@ -673,7 +725,6 @@ impl Inner {
         record.hostname = hostname;
         record.env = spec.env.clone();
         record.metadata = spec.metadata.clone();
-        record.network_mode = spec.network.mode().as_str().to_owned();
         record.created_at_ms = now;
         record.expires_at_ms =
             now.saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));

@@ -117,9 +117,25 @@ async fn boot_one(
                 message: crate::describe(&e),
             })?;
         let vm_id = format!("pool-{:016x}", rand::random::<u64>());
+        let rate = match target.network_mode {
+            nanobox_core::NetworkMode::Internet => {
+                inner.config.default_rate_limit.map(crate::node::rate_limit)
+            }
+            _ => None,
+        };
         inner
             .booter
-            .boot(vm_id, template, cached, target.vcpus, target.memory_mb)
+            .boot(
+                vm_id,
+                template,
+                cached,
+                crate::vm::VmShape {
+                    vcpus: target.vcpus,
+                    memory_mb: target.memory_mb,
+                    mode: target.network_mode,
+                    rate_limit: rate,
+                },
+            )
             .await
     }
     .await;

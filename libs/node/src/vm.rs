@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nanobox_core::NetworkMode;
 use nanobox_guest_client::AgentClient;
 use nanobox_node_storage::{clone_rootfs_async, CachedTemplate, CloneOptions, CowClone};
-use nanobox_vmm::{connect_agent, DriveSpec, Vm, VmBackend, VmSpec};
+use nanobox_vmm::{connect_agent, DriveSpec, RateLimit, Vm, VmBackend, VmSpec};
 
 use crate::cgroup::{self, CgroupLayout, Limits};
 use crate::record::{RecordStore, VmRecord};
@@ -21,6 +22,8 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// A booted VM whose agent answers.
 pub(crate) struct BootedVm {
     pub vm: Box<dyn Vm>,
+    /// Its network (a namespace, and a device unless isolated), when the node has one.
+    pub network: Option<nanobox_net::SandboxNetwork>,
     pub agent: AgentClient,
     pub record: VmRecord,
     pub disk: CowClone,
@@ -38,9 +41,19 @@ impl std::fmt::Debug for BootedVm {
     }
 }
 
+/// The size and network of a VM to boot.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct VmShape {
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub mode: NetworkMode,
+    pub rate_limit: Option<RateLimit>,
+}
+
 /// What booting needs from the node.
 pub(crate) struct Booter {
     pub config: Arc<NodeConfig>,
+    pub network: Option<nanobox_net::NodeNetwork>,
     pub backend: Arc<dyn VmBackend>,
     pub records: RecordStore,
     pub cgroups: CgroupLayout,
@@ -71,9 +84,19 @@ impl Booter {
         vm_id: String,
         template: &ResolvedTemplate,
         cached: CachedTemplate,
-        vcpus: u32,
-        memory_mb: u32,
+        shape: VmShape,
     ) -> Result<BootedVm, NodeError> {
+        let VmShape {
+            vcpus,
+            memory_mb,
+            mode,
+            rate_limit,
+        } = shape;
+        if self.network.is_none() && mode != NetworkMode::Isolated {
+            return Err(NodeError::FailedPrecondition(format!(
+                "network mode {mode} needs networking, which this node does not have configured"
+            )));
+        }
         let mut record = VmRecord {
             vm_id: vm_id.clone(),
             sandbox_id: None,
@@ -91,18 +114,22 @@ impl Booter {
             hostname: String::new(),
             env: Default::default(),
             metadata: Default::default(),
-            network_mode: "isolated".to_owned(),
+            network_mode: mode.as_str().to_owned(),
             ip: String::new(),
             boot_time_ms: 0,
         };
         // The record first: a crash from here on leaves a note of what may exist.
         self.records.put(&record)?;
         let mut vm: Option<Box<dyn Vm>> = None;
-        let result = self.boot_inner(&mut record, &cached, &mut vm).await;
+        let mut network = None;
+        let result = self
+            .boot_inner(&mut record, &cached, &mut vm, &mut network, rate_limit)
+            .await;
         match result {
             Ok((agent, disk, boot_time)) => match vm {
                 Some(vm) => Ok(BootedVm {
                     vm,
+                    network,
                     agent,
                     record,
                     disk,
@@ -127,6 +154,8 @@ impl Booter {
         record: &mut VmRecord,
         cached: &CachedTemplate,
         vm_slot: &mut Option<Box<dyn Vm>>,
+        network_slot: &mut Option<nanobox_net::SandboxNetwork>,
+        rate_limit: Option<RateLimit>,
     ) -> Result<(AgentClient, CowClone, Duration), NodeError> {
         let disks = self.config.state_dir.join("disks");
         std::fs::create_dir_all(&disks)
@@ -165,6 +194,28 @@ impl Booter {
         // The node agent outlives nothing it starts by accident: VMs survive an agent
         // restart, and recovery decides their fate from the records.
         spec.die_with_parent = false;
+        if let Some(net) = &self.network {
+            let mode = match record.network_mode.as_str() {
+                "internal" => NetworkMode::Internal,
+                "internet" => NetworkMode::Internet,
+                _ => NetworkMode::Isolated,
+            };
+            // Recorded before it exists, like everything else.
+            record.netns = Some(record.vm_id.clone());
+            self.records.put(record)?;
+            let sandbox_net = net
+                .create(&record.vm_id, mode, rate_limit)
+                .await
+                .map_err(|e| NodeError::Unavailable {
+                    context: "setting up the sandbox network",
+                    message: crate::describe(&e),
+                })?;
+            if let Some(interface) = &sandbox_net.interface {
+                record.ip = interface.routable_address.to_string();
+            }
+            sandbox_net.apply_to(&mut spec);
+            *network_slot = Some(sandbox_net);
+        }
         let started = Instant::now();
         let vm = self
             .backend
@@ -209,6 +260,11 @@ impl Booter {
             kill_recorded(record).await;
         }
         cgroup::remove(&record.cgroups).await;
+        if let (Some(net), Some(_)) = (&self.network, &record.netns) {
+            if let Err(e) = net.destroy(&record.vm_id).await {
+                tracing::warn!(vm = %record.vm_id, error = %e, "sandbox network not removed");
+            }
+        }
         remove_path(&record.disk);
         remove_dir(&record.run_dir);
         if let Err(e) = self.records.remove(&record.vm_id) {

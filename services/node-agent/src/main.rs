@@ -8,14 +8,14 @@
 
 mod grpc;
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use nanobox_core::TemplateName;
+use nanobox_config::{Config, CowMode};
 use nanobox_node::{Capacity, Node, NodeConfig, PoolConfig, PoolTarget};
 use nanobox_node_storage::{CowMethod, CowPreference};
 use nanobox_proto::node::v1::node_agent_server::NodeAgentServer;
@@ -26,152 +26,171 @@ use nanobox_vmm::qemu::{QemuBackend, QemuConfig};
 #[derive(Debug, Parser)]
 #[command(name = "node-agent", version, about = "NanoBox node agent")]
 struct Args {
-    /// Address to serve gRPC on.
-    #[arg(long, env = "NANOBOX_LISTEN", default_value = "127.0.0.1:50071")]
-    listen: SocketAddr,
-    /// This node's id in the cluster.
-    #[arg(long, env = "NANOBOX_NODE_ID", default_value = "node-01")]
-    node_id: String,
-    /// Sandbox records, disks, VMM run directories and the template cache.
-    #[arg(long, env = "NANOBOX_STATE_DIR")]
-    state_dir: PathBuf,
-    /// The guest kernel.
-    #[arg(long, env = "NANOBOX_KERNEL")]
-    kernel: PathBuf,
-    /// The metadata database (libpq connection string or URL).
-    #[arg(long, env = "NANOBOX_DATABASE_URL")]
-    database_url: String,
-    /// The object store: `file:///path` or `s3://bucket?endpoint=...`.
-    #[arg(long, env = "NANOBOX_OBJECT_STORE")]
-    object_store: String,
-    /// vCPUs to hand out.
-    #[arg(long, default_value_t = 64)]
-    capacity_vcpus: u32,
-    /// Guest memory to hand out, MiB.
-    #[arg(long, default_value_t = 16384)]
-    capacity_memory_mb: u64,
-    /// Sandboxes at once.
-    #[arg(long, default_value_t = 256)]
-    max_sandboxes: u32,
-    /// A sandbox's lifetime when the request gives none, seconds.
-    #[arg(long, default_value_t = 300)]
-    default_timeout_sec: u64,
-    /// How disks are cloned: auto, reflink, qcow2 or copy.
-    #[arg(long, default_value = "auto")]
-    cow: String,
-    /// A warm pool: `template:min_ready:max_ready[:vcpus:memory_mb]`. Repeatable.
-    #[arg(long = "pool")]
-    pools: Vec<String>,
-    /// Seconds between pool top-ups.
-    #[arg(long, default_value_t = 5)]
-    replenish_interval_sec: u64,
-    /// Seconds a pooled VM may stay unused before it is retired.
-    #[arg(long, default_value_t = 600)]
-    max_idle_sec: u64,
+    /// The configuration file (`nanobox.toml`). Default: `$NANOBOX_CONFIG`, else
+    /// `/etc/nanobox/nanobox.toml` if it exists, else the built-in defaults. Every key can
+    /// be overridden by `NANOBOX__<SECTION>__<KEY>` variables.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
-fn parse_pool(s: &str) -> anyhow::Result<PoolTarget> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let number = |i: usize, what: &str| -> anyhow::Result<u32> {
-        parts[i]
-            .parse()
-            .with_context(|| format!("--pool {s}: {what} {:?} is not a number", parts[i]))
-    };
-    anyhow::ensure!(
-        parts.len() == 3 || parts.len() == 5,
-        "--pool {s}: expected template:min_ready:max_ready[:vcpus:memory_mb]"
-    );
-    let target = PoolTarget {
-        template: TemplateName::new(parts[0]).with_context(|| format!("--pool {s}"))?,
-        min_ready: number(1, "min_ready")?,
-        max_ready: number(2, "max_ready")?,
-        vcpus: if parts.len() == 5 {
-            number(3, "vcpus")?
-        } else {
-            1
-        },
-        memory_mb: if parts.len() == 5 {
-            number(4, "memory_mb")?
-        } else {
-            nanobox_core::Resources::DEFAULT.memory_mb()
-        },
-    };
-    anyhow::ensure!(
-        target.min_ready <= target.max_ready,
-        "--pool {s}: min_ready must be at most max_ready"
-    );
-    Ok(target)
+fn cow(mode: CowMode) -> CowPreference {
+    match mode {
+        CowMode::Auto => CowPreference::Auto { qcow2: true },
+        CowMode::Reflink => CowPreference::Only(CowMethod::Reflink),
+        CowMode::Qcow2 => CowPreference::Only(CowMethod::Qcow2),
+        CowMode::Copy => CowPreference::Only(CowMethod::SparseCopy),
+    }
 }
 
-fn parse_cow(s: &str) -> anyhow::Result<CowPreference> {
-    Ok(match s {
-        "auto" => CowPreference::Auto { qcow2: true },
-        "reflink" => CowPreference::Only(CowMethod::Reflink),
-        "qcow2" => CowPreference::Only(CowMethod::Qcow2),
-        "copy" => CowPreference::Only(CowMethod::SparseCopy),
-        other => anyhow::bail!("--cow {other:?}: expected auto, reflink, qcow2 or copy"),
+fn v4_cidr(key: &str, addr: IpAddr, prefix: u8) -> anyhow::Result<nanobox_net::Ipv4Cidr> {
+    match addr {
+        IpAddr::V4(v4) => nanobox_net::Ipv4Cidr::new(v4, prefix)
+            .with_context(|| format!("{key}: {addr}/{prefix}")),
+        IpAddr::V6(_) => anyhow::bail!("{key}: {addr}/{prefix}: sandbox networking is IPv4 only"),
+    }
+}
+
+/// The interface of the default route in this namespace (`/proc/net/route`).
+fn default_route_iface() -> Option<String> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    routes.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&"00000000") && fields.get(7) == Some(&"00000000"))
+            .then(|| fields[0].to_owned())
     })
+}
+
+fn network_config(config: &Config) -> anyhow::Result<nanobox_net::NodeNetworkConfig> {
+    let net = &config.network;
+    let host_iface = match &net.host_iface {
+        Some(iface) => iface.clone(),
+        None => default_route_iface().context(
+            "[network].host_iface is not set and this namespace has no default route to take it from",
+        )?,
+    };
+    let dns_server = match config.dns_server() {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(v6) => {
+            anyhow::bail!("[network].dns_server {v6}: sandbox networking is IPv4 only")
+        }
+    };
+    let internal_services = net
+        .internal_services
+        .iter()
+        .map(|c| v4_cidr("[network].internal_services", c.network(), c.prefix()))
+        .collect::<anyhow::Result<_>>()?;
+    let host_netns = net.host_netns.as_ref().map(|ns| {
+        if ns.contains('/') {
+            PathBuf::from(ns)
+        } else {
+            nanobox_net::netns::path(ns)
+        }
+    });
+    Ok(nanobox_net::NodeNetworkConfig {
+        bridge_name: net.bridge_name.clone(),
+        subnet: v4_cidr(
+            "[network].subnet",
+            IpAddr::V4(net.subnet.network()),
+            net.subnet.prefix(),
+        )?,
+        host_iface,
+        dns_server,
+        internal_services,
+        host_netns,
+        netns_prefix: net.netns_prefix.clone(),
+        state_dir: config.agent.state_dir.join("net"),
+        rate_limiter: nanobox_net::RateLimiter::Tc,
+    })
+}
+
+fn node_config(config: &Config) -> anyhow::Result<NodeConfig> {
+    let agent = &config.agent;
+    let mut node = NodeConfig::new(
+        agent.node_id.clone(),
+        agent.state_dir.clone(),
+        config.qemu_kernel().to_owned(),
+    );
+    let capacity = agent.capacity();
+    node.capacity = Capacity {
+        vcpus: capacity.vcpus,
+        memory_mb: capacity.memory_mb,
+        max_sandboxes: agent.max_sandboxes,
+    };
+    node.default_timeout = Duration::from_secs(agent.default_timeout_sec);
+    node.max_timeout = Duration::from_secs(agent.max_timeout_sec);
+    node.cow = cow(agent.cow);
+    // A sandbox's writable space is the free space its template was built with
+    // (`[builder].rootfs_headroom_mb`): clones are not grown, so qcow2 overlays stay
+    // possible. (`[agent].disk_headroom_mb` is host disk space to keep free.)
+    node.disk_headroom_bytes = 0;
+    node.template_cache_bytes = agent.template_cache_bytes;
+    node.cgroup_parent = agent.cgroup_parent.clone();
+    node.pool = PoolConfig {
+        replenish_interval: Duration::from_secs(config.pool.replenish_interval_sec.max(1)),
+        max_idle: Duration::from_secs(config.pool.max_idle_sec),
+        targets: config
+            .pool
+            .templates
+            .iter()
+            .map(|t| PoolTarget {
+                template: t.name.clone(),
+                min_ready: t.min_ready,
+                max_ready: t.max_ready,
+                vcpus: t.vcpus.unwrap_or(nanobox_core::Resources::DEFAULT.vcpu()),
+                memory_mb: t
+                    .memory_mb
+                    .unwrap_or(nanobox_core::Resources::DEFAULT.memory_mb()),
+                network_mode: nanobox_core::NetworkMode::Isolated,
+            })
+            .collect(),
+    };
+    node.network = Some(network_config(config)?);
+    node.default_rate_limit = config
+        .network
+        .default_rate_limit_mbps
+        .map(|mbps| mbps * 1_000_000 / 8);
+    anyhow::ensure!(
+        node.kernel.is_file(),
+        "the guest kernel {} does not exist ([qemu].kernel or [firecracker].kernel)",
+        node.kernel.display()
+    );
+    Ok(node)
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let config = Config::load(args.config.as_deref()).context("reading the configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(config))
 }
 
-async fn serve(args: Args) -> anyhow::Result<()> {
-    let _telemetry = nanobox_telemetry::init(
-        "nanobox-node-agent",
-        &nanobox_telemetry::TelemetryConfig::default(),
-    )
-    .context("setting up telemetry")?;
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let _telemetry = nanobox_telemetry::init("nanobox-node-agent", &config.telemetry)
+        .context("setting up telemetry")?;
+    let node_config = node_config(&config)?;
 
-    let mut config = NodeConfig::new(
-        args.node_id.clone(),
-        args.state_dir.clone(),
-        args.kernel.clone(),
-    );
-    config.capacity = Capacity {
-        vcpus: args.capacity_vcpus,
-        memory_mb: args.capacity_memory_mb,
-        max_sandboxes: args.max_sandboxes,
-    };
-    config.default_timeout = Duration::from_secs(args.default_timeout_sec);
-    config.cow = parse_cow(&args.cow)?;
-    config.pool = PoolConfig {
-        replenish_interval: Duration::from_secs(args.replenish_interval_sec.max(1)),
-        max_idle: Duration::from_secs(args.max_idle_sec),
-        targets: args
-            .pools
-            .iter()
-            .map(|p| parse_pool(p))
-            .collect::<anyhow::Result<_>>()?,
-    };
-    anyhow::ensure!(
-        config.kernel.is_file(),
-        "--kernel {} does not exist",
-        config.kernel.display()
-    );
-
-    let db: tokio_postgres::Config = args
-        .database_url
+    let db: tokio_postgres::Config = config
+        .database
+        .url
+        .expose()
         .parse()
-        .context("--database-url is not a valid Postgres connection string")?;
+        .context("[database].url is not a valid Postgres connection string")?;
     let meta = MetadataStore::open(db, PoolOptions::default())
         .await
         .context("opening the metadata database")?;
-    let objects =
-        nanobox_store::open_object_store(&args.object_store).context("opening the object store")?;
+    let objects = nanobox_store::open_object_store(&config.object_store.location)
+        .context("opening the object store")?;
     let qemu = QemuConfig {
+        binary: config.qemu.binary.clone(),
         accel_cache: Some(nanobox_core::cache_dir().join("accel-probe")),
         ..QemuConfig::default()
     };
     let backend = Arc::new(QemuBackend::new(qemu));
 
-    let node = Node::start(config, backend, meta, objects)
+    let node = Node::start(node_config, backend, meta, objects)
         .await
         .context("starting the node")?;
 
@@ -179,11 +198,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     health
         .set_serving::<NodeAgentServer<grpc::NodeAgentService>>()
         .await;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listen = config.agent.listen_addr;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+        .with_context(|| format!("listening on {listen} ([agent].listen_addr)"))?;
     let local = listener.local_addr().context("reading the bound address")?;
-    tracing::info!(address = %local, node = %args.node_id, "node-agent serving");
+    tracing::info!(address = %local, node = %config.agent.node_id, "node-agent serving");
     println!("listening on {local}");
 
     tonic::transport::Server::builder()

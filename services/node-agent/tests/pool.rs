@@ -29,14 +29,20 @@ fn pooled_vms(stack: &Stack) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_boots_ahead_hands_over_refills_and_retires() {
-    let stack = Stack::start(&[
-        "--pool",
-        &format!("{TEMPLATE}:2:3:1:128"),
-        "--replenish-interval-sec",
-        "1",
-        "--max-idle-sec",
-        "20",
-    ])
+    let stack = Stack::start(&format!(
+        r#"
+[pool]
+replenish_interval_sec = 1
+max_idle_sec = 20
+
+[[pool.templates]]
+name = "{TEMPLATE}"
+min_ready = 2
+max_ready = 3
+vcpus = 1
+memory_mb = 128
+"#
+    ))
     .await;
     let ready = |n: u32| move |s: &nanobox_proto::node::v1::NodeStatus| s.pools[0].ready == n;
     let status = stack

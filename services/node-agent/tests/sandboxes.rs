@@ -14,7 +14,7 @@ use nanobox_proto::v1::{self, SandboxState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_exec_list_destroy() {
-    let stack = Stack::start(&[]).await;
+    let stack = Stack::start("").await;
     let mut request = create_request(TEMPLATE);
     request.resources = Some(v1::Resources {
         vcpu: 2,
@@ -94,6 +94,11 @@ async fn create_exec_list_destroy() {
     assert!(err.message().contains("STOPPED"), "{err:?}");
     // Every trace is gone.
     assert!(stack.vmm_processes().is_empty());
+    assert!(
+        stack.sandbox_namespaces().is_empty(),
+        "{:?}",
+        stack.sandbox_namespaces()
+    );
     for sub in ["vms", "disks", "run"] {
         assert!(
             stack.leftovers(sub).is_empty(),
@@ -111,7 +116,7 @@ async fn create_exec_list_destroy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_oom_stays_in_the_guest() {
-    let stack = Stack::start(&[]).await;
+    let stack = Stack::start("").await;
     let id = stack
         .create(create_request(TEMPLATE))
         .await
@@ -137,7 +142,7 @@ async fn guest_oom_stays_in_the_guest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_and_keepalive() {
-    let stack = Stack::start(&[]).await;
+    let stack = Stack::start("").await;
     let mut short = create_request(TEMPLATE);
     short.timeout_sec = 3;
     let doomed = stack.create(short.clone()).await.sandbox.unwrap().id;
@@ -196,7 +201,7 @@ async fn deadlines_and_keepalive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_and_a_full_node() {
-    let stack = Stack::start(&["--max-sandboxes", "1"]).await;
+    let stack = Stack::start_with("", &[("NANOBOX__AGENT__MAX_SANDBOXES", "1")]).await;
     let mut client = stack.client().await;
     let code_of = |r: Result<tonic::Response<node::CreateSandboxResponse>, tonic::Status>| {
         let e = r.unwrap_err();
@@ -250,7 +255,7 @@ async fn bad_input_and_a_full_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_the_agent_leaves_no_orphans() {
-    let mut stack = Stack::start(&[]).await;
+    let mut stack = Stack::start("").await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(
@@ -284,6 +289,11 @@ async fn kill9_of_the_agent_leaves_no_orphans() {
         assert_eq!(s.state(), SandboxState::Lost, "{s:?}");
         assert!(s.message.contains("restarted"), "{s:?}");
     }
+    assert!(
+        stack.sandbox_namespaces().is_empty(),
+        "{:?}",
+        stack.sandbox_namespaces()
+    );
     assert!(stack.vmm_processes().is_empty());
     for sub in ["vms", "disks", "run"] {
         assert!(

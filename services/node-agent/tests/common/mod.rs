@@ -58,22 +58,106 @@ pub struct Stack {
     pub db: tokio_postgres::Config,
     pub dir: tempfile::TempDir,
     pub agent: Option<AgentProcess>,
-    pub args: Vec<String>,
+    /// Extra `nanobox.toml` text (sections the test needs, such as pools).
+    pub extra_config: String,
+    /// The test's namespaces: the node's "host" namespace (bridge, NAT) and a simulated
+    /// internet joined to it by a veth pair (`wan0`, 10.254.0.1 <-> 10.254.0.2).
+    pub host_ns: String,
+    pub internet_ns: String,
+    /// Prefix of every namespace this stack makes (removed on drop).
+    pub ns_prefix: String,
+    /// Environment overrides for the agent (`NANOBOX__SECTION__KEY`).
+    pub env: Vec<(String, String)>,
+}
+
+/// Runs a command and insists it worked.
+pub fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn make_namespaces(prefix: &str) -> (String, String) {
+    let host = format!("{prefix}host");
+    let internet = format!("{prefix}inet");
+    run(&["ip", "netns", "add", &host]);
+    run(&["ip", "netns", "add", &internet]);
+    for args in [
+        vec!["ip", "-n", &host, "link", "set", "lo", "up"],
+        vec!["ip", "-n", &internet, "link", "set", "lo", "up"],
+        // Made inside the host namespace: no name ever appears in the root one.
+        vec![
+            "ip", "-n", &host, "link", "add", "wan0", "type", "veth", "peer", "name", "wan0",
+            "netns", &internet,
+        ],
+        vec![
+            "ip",
+            "-n",
+            &host,
+            "addr",
+            "add",
+            "10.254.0.1/24",
+            "dev",
+            "wan0",
+        ],
+        vec!["ip", "-n", &host, "link", "set", "wan0", "up"],
+        vec![
+            "ip",
+            "-n",
+            &internet,
+            "addr",
+            "add",
+            "10.254.0.2/24",
+            "dev",
+            "wan0",
+        ],
+        vec!["ip", "-n", &internet, "link", "set", "wan0", "up"],
+        vec![
+            "ip",
+            "-n",
+            &host,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.254.0.2",
+        ],
+    ] {
+        run(&args);
+    }
+    (host, internet)
 }
 
 impl Stack {
     /// Postgres, the object store with the READY template, and an agent started with
     /// `args` on top of the defaults.
-    pub async fn start(args: &[&str]) -> Self {
+    pub async fn start(extra_config: &str) -> Self {
+        Self::start_with(extra_config, &[]).await
+    }
+
+    pub async fn start_with(extra_config: &str, env: &[(&str, &str)]) -> Self {
         let pg = Postgres::start().await;
         let db = pg.create_database().await;
         let dir = tempfile::tempdir().unwrap();
+        let ns_prefix = format!("nbt{:08x}-", rand::random::<u32>());
+        let (host_ns, internet_ns) = make_namespaces(&ns_prefix);
         let mut stack = Self {
             pg,
             db,
             dir,
             agent: None,
-            args: args.iter().map(|s| (*s).to_owned()).collect(),
+            extra_config: extra_config.to_owned(),
+            host_ns,
+            internet_ns,
+            ns_prefix,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         stack.publish_template(TEMPLATE).await;
         stack.start_agent();
@@ -127,23 +211,55 @@ impl Stack {
             .unwrap();
     }
 
-    pub fn start_agent(&mut self) {
+    /// The agent's `nanobox.toml`.
+    pub fn config_text(&self) -> String {
         let guest = GuestArtifacts::from_env();
-        let db = format!(
-            "host={} user=postgres dbname={}",
-            self.pg.socket_dir().display(),
-            self.db.get_dbname().unwrap()
-        );
+        format!(
+            r#"
+[agent]
+node_id = "node-test"
+listen_addr = "127.0.0.1:0"
+state_dir = "{state}"
+capacity_vcpus = 64
+capacity_memory_mb = 16384
+
+[qemu]
+kernel = "{kernel}"
+
+[network]
+bridge_name = "nbxbr0"
+subnet = "10.100.0.0/16"
+host_iface = "wan0"
+dns_server = "10.254.0.2"
+host_netns = "{host_ns}"
+netns_prefix = "{prefix}s-"
+
+[database]
+url = "host={socket} user=postgres dbname={db}"
+
+[object_store]
+location = "file://{objects}"
+
+{extra}
+"#,
+            state = self.state_dir().display(),
+            kernel = guest.kernel.display(),
+            host_ns = self.host_ns,
+            prefix = self.ns_prefix,
+            socket = self.pg.socket_dir().display(),
+            db = self.db.get_dbname().unwrap(),
+            objects = self.objects_dir().display(),
+            extra = self.extra_config,
+        )
+    }
+
+    pub fn start_agent(&mut self) {
+        let config = self.dir.path().join("nanobox.toml");
+        std::fs::write(&config, self.config_text()).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
-            .args(["--listen", "127.0.0.1:0", "--node-id", "node-test"])
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--kernel")
-            .arg(&guest.kernel)
-            .args(["--database-url", &db])
-            .arg("--object-store")
-            .arg(format!("file://{}", self.objects_dir().display()))
-            .args(&self.args)
+            .arg("--config")
+            .arg(&config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -275,6 +391,31 @@ impl Drop for Stack {
         for pid in self.vmm_processes() {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
+        // Every namespace of this stack, the sandboxes' included.
+        if let Ok(entries) = std::fs::read_dir("/run/netns") {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&self.ns_prefix) {
+                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                }
+            }
+        }
+    }
+}
+
+impl Stack {
+    /// Namespaces of this stack's sandboxes (those the agent made).
+    pub fn sandbox_namespaces(&self) -> Vec<String> {
+        let prefix = format!("{}s-", self.ns_prefix);
+        std::fs::read_dir("/run/netns")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
