@@ -618,3 +618,51 @@ async fn ephemeral_vms_refuse_snapshots() {
     let out = run(&t.agent, &["echo", "ok"]).await;
     assert_eq!(text(&out.stdout), "ok\n");
 }
+
+/// The hardened QEMU: under its seccomp filter, and running as an unprivileged user once
+/// it has opened its devices; the guest works all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_runs_unprivileged_under_seccomp() {
+    use nanobox_vmm::qemu::{QemuBackend, QemuConfig};
+    use nanobox_vmm::{DriveSpec, VmBackend, VmSpec};
+    let artifacts = nanobox_testkit::GuestArtifacts::from_env();
+    let backend = QemuBackend::new(QemuConfig {
+        run_as: Some("nobody".into()),
+        ..QemuConfig::default()
+    });
+    let id = nanobox_testkit::vm_id("hardened");
+    let spec = VmSpec::new(
+        id.clone(),
+        artifacts.kernel,
+        DriveSpec {
+            path: artifacts.rootfs,
+            read_only: false,
+            ephemeral: true,
+            format: nanobox_vmm::DiskFormat::Raw,
+        },
+        std::env::temp_dir().join(format!("nanobox-test-{id}")),
+    );
+    let vm = backend.launch(spec).await.unwrap();
+    let agent = connect_agent(vm.as_ref(), nanobox_testkit::BOOT_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", vm.console_tail()));
+    let out = run(&agent, &["echo", "confined"]).await;
+    assert_eq!(text(&out.stdout), "confined\n");
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid().unwrap())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap()
+    };
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let uids = field("Uid:");
+    assert!(
+        uids.iter().all(|u| *u == nobody.uid.to_string()),
+        "every uid is nobody's: {uids:?}"
+    );
+    // Mode 2: a seccomp filter is installed.
+    assert_eq!(field("Seccomp:"), ["2"]);
+}

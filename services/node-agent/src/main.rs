@@ -185,6 +185,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("opening the object store")?;
     let qemu = QemuConfig {
         binary: config.qemu.binary.clone(),
+        seccomp: config.qemu.seccomp_sandbox,
+        run_as: config.agent.run_as_user.clone(),
         accel_cache: Some(nanobox_core::cache_dir().join("accel-probe")),
         ..QemuConfig::default()
     };

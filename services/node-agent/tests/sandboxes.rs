@@ -50,6 +50,20 @@ async fn create_exec_list_destroy() {
         (200_000..=262_144).contains(&mem_kb),
         "guest memory {mem_kb} kB for 256 MiB"
     );
+    // The VMM runs hardened: its own user, a seccomp filter.
+    let vmms = stack.vmm_processes();
+    assert_eq!(vmms.len(), 1);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vmms[0])).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == nobody.to_string()),
+        "{uid_line}"
+    );
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
     let (out, _, code) = stack.sh(&id, "exit 7").await;
     assert_eq!((out.as_str(), code), ("", 7));
 

@@ -222,6 +222,8 @@ listen_addr = "127.0.0.1:0"
 state_dir = "{state}"
 capacity_vcpus = 64
 capacity_memory_mb = 16384
+# Every VMM drops to an unprivileged user once its devices are open.
+run_as_user = "nobody"
 
 [qemu]
 kernel = "{kernel}"
