@@ -57,7 +57,11 @@ async fn main() {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let addr = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_owned();
         let mut client = TemplatesClient::connect(format!("http://{addr}"))
             .await
             .unwrap();

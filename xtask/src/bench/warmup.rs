@@ -186,8 +186,8 @@ fn warmup_from_registry(init: &Path, rounds: usize) -> anyhow::Result<Option<Vec
         .output()
         .context("running warmup_bench")?;
     anyhow::ensure!(out.status.success(), "warmup_bench failed");
-    let samples: Vec<f64> = serde_json::from_slice(&out.stdout)
-        .context("reading warmup_bench's samples")?;
+    let samples: Vec<f64> =
+        serde_json::from_slice(&out.stdout).context("reading warmup_bench's samples")?;
     Ok(Some(samples))
 }
 
