@@ -30,7 +30,7 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: boot, warmup.
+    /// Run a benchmark: boot, warmup, node.
     Bench { name: String },
 }
 
@@ -63,7 +63,10 @@ fn run() -> anyhow::Result<()> {
             match name.as_str() {
                 "boot" => bench::boot(&guest)?,
                 "warmup" => bench::warmup(&guest)?,
-                other => anyhow::bail!("unknown benchmark {other:?} (available: boot, warmup)"),
+                "node" => bench::node(&guest)?,
+                other => {
+                    anyhow::bail!("unknown benchmark {other:?} (available: boot, warmup, node)")
+                }
             }
         }
     }

@@ -4,15 +4,18 @@
 //!
 //! - [`boot`]: a microVM's first exec against bare QEMU.
 //! - [`warmup`]: OCI image to ext4 against `umoci unpack` + `mkfs.ext4 -d`.
+//! - [`node`]: the node agent: pool and cold creates, clones, idle memory, destroys.
 
 use std::path::Path;
 
 use serde_json::json;
 
 mod boot;
+mod node;
 mod warmup;
 
 pub use boot::boot;
+pub use node::node;
 pub use warmup::warmup;
 
 pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {

@@ -1,0 +1,323 @@
+//! Node agent measurements for `cargo xtask bench node`, through the agent's gRPC API
+//! against a release-built agent with real guests.
+//!
+//! `node_bench <node-agent> <boot_bench> <kernel> <rootfs> <work dir>` prints one JSON
+//! object with raw samples:
+//! - `pool_create_ms`: 50 creates served by the warm pool (concurrency 1), and
+//!   `destroy_ms` for destroying each;
+//! - `cold_create_ms` (create with no pool VM to take, until the first exec's result) and,
+//!   alternating with it, `bare_boot_ms` (`boot_bench bare`: QEMU with the same kernel and
+//!   rootfs until the init's READY marker);
+//! - `idle_pss_mib`: the PSS of each VMM with 10 idle cold-booted 128 MiB sandboxes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nanobox_core::{ImageConfig, TemplateName, TemplateState};
+use nanobox_proto::node::v1 as node;
+use nanobox_proto::node::v1::node_agent_client::NodeAgentClient;
+use nanobox_proto::v1;
+use nanobox_store::metadata::TemplateRecord;
+use nanobox_store::rootfs::{rootfs_keys, RootfsInfo};
+use nanobox_store::{LocalFsStore, MetadataStore, ObjectStore};
+use nanobox_testkit::postgres::Postgres;
+use tonic::transport::Channel;
+
+const POOL_CREATES: usize = 50;
+const COLD_ROUNDS: usize = 5;
+const IDLE_SANDBOXES: usize = 10;
+const TEMPLATE: &str = "bench";
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Publishes `rootfs` as a READY template, the way the template-builder does.
+async fn publish(meta: &MetadataStore, objects_dir: &Path, rootfs: &Path) {
+    let objects = LocalFsStore::open(objects_dir).unwrap();
+    let data = std::fs::read(rootfs).unwrap();
+    let digest = format!("sha256:{}", nanobox_store::sha256_hex(&data));
+    let keys = rootfs_keys(&digest, "bench").unwrap();
+    let stored = objects.put_file(&keys.ext4, rootfs).await.unwrap();
+    let info = RootfsInfo {
+        manifest_digest: digest.clone(),
+        init_version: "bench".into(),
+        size_bytes: stored.size,
+        sha256: stored.sha256.clone().unwrap(),
+        config: ImageConfig::default(),
+    };
+    objects
+        .put_bytes(&keys.info, serde_json::to_vec(&info).unwrap().into())
+        .await
+        .unwrap();
+    meta.upsert_template(&TemplateRecord {
+        name: TemplateName::new(TEMPLATE).unwrap(),
+        image_ref: "bench/busybox".into(),
+        manifest_digest: Some(digest),
+        rootfs_key: Some(keys.ext4.to_string()),
+        size_bytes: Some(stored.size),
+        image_config: ImageConfig::default(),
+        state: TemplateState::Ready,
+    })
+    .await
+    .unwrap();
+}
+
+fn request(memory_mb: u32) -> node::CreateSandboxRequest {
+    node::CreateSandboxRequest {
+        template: TEMPLATE.into(),
+        resources: Some(v1::Resources {
+            vcpu: 1,
+            memory_mb,
+            disk_mb: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+async fn pool_ready(client: &mut NodeAgentClient<Channel>) -> u32 {
+    let status = client
+        .get_node_status(node::GetNodeStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    status.pools.first().map_or(0, |p| p.ready)
+}
+
+async fn exec_true(client: &mut NodeAgentClient<Channel>, id: &str) {
+    let mut stream = client
+        .exec(v1::ExecRequest {
+            id: id.into(),
+            command: "true".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(event) = stream.message().await.unwrap() {
+        if let Some(v1::exec_event::Event::Exit(x)) = event.event {
+            assert_eq!(x.exit_code, 0);
+        }
+    }
+}
+
+async fn destroy(client: &mut NodeAgentClient<Channel>, id: &str) {
+    client
+        .destroy_sandbox(node::DestroySandboxRequest {
+            sandbox_id: id.into(),
+        })
+        .await
+        .unwrap();
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn pss_mib(pid: u32) -> f64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let kib: f64 = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, agent_bin, boot_bench, kernel, rootfs, work] = args.as_slice() else {
+        panic!("usage: node_bench <node-agent> <boot_bench> <kernel> <rootfs> <work dir>");
+    };
+    let work = PathBuf::from(work);
+    std::fs::create_dir_all(&work).unwrap();
+    let pg = Postgres::start().await;
+    let db = pg.create_database().await;
+    let meta = MetadataStore::open(db.clone(), Default::default())
+        .await
+        .unwrap();
+    publish(&meta, &work.join("objects"), Path::new(rootfs)).await;
+
+    // The node's "host" namespace, private to the benchmark.
+    let host_ns = format!("nbb{:08x}-host", rand::random::<u32>());
+    sh(&["ip", "netns", "add", &host_ns]);
+    sh(&["ip", "-n", &host_ns, "link", "add", "wan0", "type", "dummy"]);
+    sh(&["ip", "-n", &host_ns, "link", "set", "wan0", "up"]);
+    let config = format!(
+        r#"
+[agent]
+node_id = "bench"
+listen_addr = "127.0.0.1:0"
+state_dir = "{state}"
+capacity_vcpus = 64
+capacity_memory_mb = 16384
+[qemu]
+kernel = "{kernel}"
+[network]
+bridge_name = "nbxbr0"
+subnet = "10.100.0.0/16"
+host_iface = "wan0"
+dns_server = "10.100.0.1"
+host_netns = "{host_ns}"
+netns_prefix = "{host_ns}-s-"
+[database]
+url = "host={socket} user=postgres dbname={dbname}"
+[object_store]
+location = "file://{objects}"
+[pool]
+replenish_interval_sec = 1
+max_idle_sec = 3600
+[[pool.templates]]
+name = "{TEMPLATE}"
+min_ready = 2
+max_ready = 2
+vcpus = 1
+memory_mb = 128
+"#,
+        state = work.join("state").display(),
+        socket = pg.socket_dir().display(),
+        dbname = db.get_dbname().unwrap(),
+        objects = work.join("objects").display(),
+    );
+    let config_path = work.join("nanobox.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut agent = Command::new(agent_bin)
+        .arg("--config")
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(agent.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let mut client = NodeAgentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    // Warm pool creates at concurrency 1, each destroyed again.
+    let mut pool_create = Vec::new();
+    let mut destroys = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while pool_create.len() < POOL_CREATES {
+        while pool_ready(&mut client).await == 0 {
+            assert!(Instant::now() < deadline, "the pool never refilled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let started = Instant::now();
+        let created = client
+            .create_sandbox(request(128))
+            .await
+            .unwrap()
+            .into_inner();
+        let took = started.elapsed();
+        let id = created.sandbox.unwrap().id;
+        if created.from_pool {
+            pool_create.push(ms(took));
+        }
+        exec_true(&mut client, &id).await;
+        let started = Instant::now();
+        destroy(&mut client, &id).await;
+        destroys.push(ms(started.elapsed()));
+        eprint!(".");
+    }
+    eprintln!();
+
+    // Cold create to first exec result, alternating with a bare boot of the same guest.
+    let mut cold = Vec::new();
+    let mut bare = Vec::new();
+    for round in 0..COLD_ROUNDS {
+        let mut cold_round = async |client: &mut NodeAgentClient<Channel>| {
+            let started = Instant::now();
+            // 192 MiB: no pooled VM has that size, so this boots.
+            let created = client
+                .create_sandbox(request(192))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!created.from_pool);
+            let id = created.sandbox.unwrap().id;
+            exec_true(client, &id).await;
+            cold.push(ms(started.elapsed()));
+            destroy(client, &id).await;
+        };
+        let bare_round = || -> f64 {
+            let out = Command::new(boot_bench)
+                .args(["bare", kernel, rootfs])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        };
+        if round % 2 == 0 {
+            cold_round(&mut client).await;
+            bare.push(bare_round());
+        } else {
+            bare.push(bare_round());
+            cold_round(&mut client).await;
+        }
+        eprint!(".");
+    }
+    eprintln!();
+
+    // Idle memory: 10 cold-booted 128 MiB sandboxes, left alone for a while.
+    let mut ids = Vec::new();
+    for _ in 0..IDLE_SANDBOXES {
+        // Pooled VMs are cold-booted too (ahead of time); either kind counts.
+        let created = client
+            .create_sandbox(request(128))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(created.sandbox.unwrap().id);
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut pss = Vec::new();
+    for entry in std::fs::read_dir(work.join("state/vms")).unwrap().flatten() {
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
+        if record["sandbox_id"].is_string() {
+            pss.push(pss_mib(record["pid"].as_u64().unwrap() as u32));
+        }
+    }
+    for id in &ids {
+        destroy(&mut client, id).await;
+    }
+    let _ = Command::new("kill").arg(agent.id().to_string()).status();
+    let _ = agent.wait();
+    let _ = Command::new("ip").args(["netns", "del", &host_ns]).status();
+
+    println!(
+        "{}",
+        serde_json::json!({
+            "pool_create_ms": pool_create,
+            "destroy_ms": destroys,
+            "cold_create_ms": cold,
+            "bare_boot_ms": bare,
+            "idle_pss_mib": pss,
+        })
+    );
+}
