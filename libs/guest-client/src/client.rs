@@ -240,6 +240,30 @@ pub struct ConfigureRequest {
     pub start_sshd: bool,
 }
 
+/// How [`AgentClient::write_file_with`] creates the file.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner; `None` is root.
+    pub uid: Option<u32>,
+    /// Group; `None` is root.
+    pub gid: Option<u32>,
+    /// Create missing parent directories.
+    pub create_parents: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        Self {
+            mode: 0o644,
+            uid: None,
+            gid: None,
+            create_parents: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct NetworkConfig {
     pub address: String,
@@ -463,10 +487,22 @@ impl AgentClient {
 
     /// Streams `source` into the guest file `path` (written atomically: a temporary file
     /// renamed at the end). Returns the bytes written.
-    pub async fn write_file<R>(
+    pub async fn write_file<R>(&self, path: &str, mode: u32, source: R) -> Result<u64, AgentError>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let options = WriteOptions {
+            mode,
+            ..WriteOptions::default()
+        };
+        self.write_file_with(path, options, source).await
+    }
+
+    /// [`Self::write_file`] with the owner and parent handling spelled out.
+    pub async fn write_file_with<R>(
         &self,
         path: &str,
-        mode: u32,
+        options: WriteOptions,
         mut source: R,
     ) -> Result<u64, AgentError>
     where
@@ -475,10 +511,10 @@ impl AgentClient {
         let mut stream = self
             .open(Body::WriteFile(pb::WriteFileRequest {
                 path: path.to_owned(),
-                mode,
-                uid: None,
-                gid: None,
-                create_parents: true,
+                mode: options.mode,
+                uid: options.uid,
+                gid: options.gid,
+                create_parents: options.create_parents,
             }))
             .await?;
         let mut buf = vec![0u8; MAX_DATA_CHUNK];
@@ -510,15 +546,30 @@ impl AgentClient {
     }
 
     /// Streams the guest file `path` into `sink`. Returns the bytes read.
-    pub async fn read_file<W>(&self, path: &str, mut sink: W) -> Result<u64, AgentError>
+    pub async fn read_file<W>(&self, path: &str, sink: W) -> Result<u64, AgentError>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        self.read_file_range(path, 0, 0, sink).await
+    }
+
+    /// Streams `limit` bytes (0: to the end) of the guest file `path` from `offset` into
+    /// `sink`. Returns the bytes read.
+    pub async fn read_file_range<W>(
+        &self,
+        path: &str,
+        offset: u64,
+        limit: u64,
+        mut sink: W,
+    ) -> Result<u64, AgentError>
     where
         W: AsyncWrite + Unpin,
     {
         let mut stream = self
             .open(Body::ReadFile(pb::ReadFileRequest {
                 path: path.to_owned(),
-                offset: 0,
-                limit: 0,
+                offset,
+                limit,
             }))
             .await?;
         let mut total = 0u64;

@@ -13,7 +13,7 @@ mod error;
 mod exec;
 mod transport;
 
-pub use client::{AgentClient, ConfigureRequest, GuestInfo, NetworkConfig};
+pub use client::{AgentClient, ConfigureRequest, GuestInfo, NetworkConfig, WriteOptions};
 pub use error::AgentError;
 pub use exec::{
     ExecEvent, ExecOutput, ExecRequest, ExecStdin, ExecStream, ExitOutcome, ExitStatus,

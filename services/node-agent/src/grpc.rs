@@ -15,6 +15,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Output chunks buffered between the guest and a slow gRPC client.
 const EXEC_BUFFER: usize = 16;
+/// Largest file data per gRPC message, both ways.
+const MAX_FILE_CHUNK: usize = 1 << 20;
+/// Bytes in flight between a WriteFile stream and the guest.
+const FILE_PIPE: usize = 256 << 10;
+/// Largest single ReadFile (larger files are read in ranges).
+const MAX_READ: u64 = 64 << 20;
 
 /// The NodeAgent service.
 #[derive(Debug, Clone)]
@@ -38,6 +44,17 @@ pub fn status(err: NodeError) -> Status {
         NodeError::Unavailable { .. } => Status::unavailable(message),
         NodeError::Guest { .. } => Status::aborted(message),
         NodeError::Io { .. } | NodeError::Internal(_) => Status::internal(message),
+    }
+}
+
+fn guest_status(id: &str, e: &nanobox_guest_client::AgentError) -> Status {
+    use nanobox_guest_client::ErrorCode;
+    let message = format!("sandbox {id}: {}", nanobox_node::describe(e));
+    match e.remote_code() {
+        Some(ErrorCode::NotFound) => Status::not_found(message),
+        Some(ErrorCode::InvalidArgument) => Status::invalid_argument(message),
+        Some(ErrorCode::PermissionDenied) => Status::permission_denied(message),
+        _ => Status::aborted(message),
     }
 }
 
@@ -219,22 +236,125 @@ impl NodeAgent for NodeAgentService {
 
     async fn write_file(
         &self,
-        _request: Request<Streaming<node::WriteFileRequest>>,
+        request: Request<Streaming<node::WriteFileRequest>>,
     ) -> Result<Response<node::WriteFileResponse>, Status> {
-        Err(Status::unimplemented(
-            "WriteFile is not served by this node agent yet",
-        ))
+        use node::write_file_request::Msg;
+        let mut messages = request.into_inner();
+        let header = match messages.message().await? {
+            Some(node::WriteFileRequest {
+                msg: Some(Msg::Header(header)),
+            }) => header,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of WriteFile must be its header",
+                ))
+            }
+        };
+        let id = convert::sandbox_id("sandbox_id", &header.sandbox_id)?;
+        if !header.path.starts_with('/') {
+            return Err(Status::invalid_argument(format!(
+                "path: {:?} is not absolute",
+                header.path
+            )));
+        }
+        if header.append {
+            return Err(Status::invalid_argument(
+                "append: not supported (files are replaced atomically)",
+            ));
+        }
+        let agent = self.node.agent(&id).map_err(status)?;
+        // Chunks flow through a bounded pipe: the client's stream is never buffered
+        // whole, and a slow guest slows the client down.
+        let (mut writer, reader) = tokio::io::duplex(FILE_PIPE);
+        let pump = async move {
+            use tokio::io::AsyncWriteExt as _;
+            while let Some(message) = messages.message().await? {
+                match message.msg {
+                    Some(Msg::Chunk(chunk)) => {
+                        if chunk.len() > MAX_FILE_CHUNK {
+                            return Err(Status::invalid_argument(format!(
+                                "chunk: {} bytes, at most {MAX_FILE_CHUNK} per message",
+                                chunk.len()
+                            )));
+                        }
+                        writer
+                            .write_all(&chunk)
+                            .await
+                            .map_err(|e| Status::aborted(format!("sandbox {id}: {e}")))?;
+                    }
+                    _ => {
+                        return Err(Status::invalid_argument(
+                            "only the first message of WriteFile may be a header",
+                        ))
+                    }
+                }
+            }
+            writer
+                .shutdown()
+                .await
+                .map_err(|e| Status::aborted(e.to_string()))?;
+            Ok::<(), Status>(())
+        };
+        let options = nanobox_guest_client::WriteOptions {
+            mode: if header.mode == 0 { 0o644 } else { header.mode },
+            uid: header.uid,
+            gid: header.gid,
+            create_parents: header.create_parents,
+        };
+        let write = agent.write_file_with(&header.path, options, reader);
+        let (pumped, written) = tokio::join!(pump, write);
+        pumped?;
+        let bytes = written.map_err(|e| guest_status(&header.sandbox_id, &e))?;
+        Ok(Response::new(node::WriteFileResponse {
+            bytes_written: bytes,
+        }))
     }
 
     type ReadFileStream = ReadFileStream;
 
     async fn read_file(
         &self,
-        _request: Request<node::ReadFileRequest>,
+        request: Request<node::ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
-        Err(Status::unimplemented(
-            "ReadFile is not served by this node agent yet",
-        ))
+        use node::read_file_response::Msg;
+        let r = request.into_inner();
+        let id = convert::sandbox_id("sandbox_id", &r.sandbox_id)?;
+        if !r.path.starts_with('/') {
+            return Err(Status::invalid_argument(format!(
+                "path: {:?} is not absolute",
+                r.path
+            )));
+        }
+        let limit = if r.length == 0 || r.length > MAX_READ {
+            MAX_READ + 1
+        } else {
+            r.length
+        };
+        let agent = self.node.agent(&id).map_err(status)?;
+        // Bounded: a guest cannot make the node hold more than MAX_READ for one read.
+        let mut data = Vec::new();
+        agent
+            .read_file_range(&r.path, r.offset, limit, &mut data)
+            .await
+            .map_err(|e| guest_status(&r.sandbox_id, &e))?;
+        if data.len() as u64 > MAX_READ {
+            return Err(Status::resource_exhausted(format!(
+                "the file is larger than {MAX_READ} bytes from offset {}; read it in ranges",
+                r.offset
+            )));
+        }
+        let mut messages = vec![Ok(node::ReadFileResponse {
+            msg: Some(Msg::Header(node::ReadFileHeader {
+                size: data.len() as u64,
+                mode: 0,
+            })),
+        })];
+        messages.extend(data.chunks(MAX_FILE_CHUNK).map(|c| {
+            Ok(node::ReadFileResponse {
+                msg: Some(Msg::Chunk(c.to_vec())),
+            })
+        }));
+        Ok(Response::new(Box::pin(tokio_stream::iter(messages))))
     }
 
     async fn pause_sandbox(

@@ -342,3 +342,96 @@ async fn kill9_of_the_agent_leaves_no_orphans() {
     let (out, _, _) = stack.sh(&id, "echo ok").await;
     assert_eq!(out, "ok\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_in_and_out() {
+    use node::read_file_response::Msg as ReadMsg;
+    use node::write_file_request::Msg as WriteMsg;
+    let stack = Stack::start("").await;
+    let id = stack
+        .create(create_request(TEMPLATE))
+        .await
+        .sandbox
+        .unwrap()
+        .id;
+    let mut client = stack.client().await;
+    let data: Vec<u8> = (0..2_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut messages = vec![node::WriteFileRequest {
+        msg: Some(WriteMsg::Header(node::WriteFileHeader {
+            sandbox_id: id.clone(),
+            path: "/tmp/deep/dir/data.bin".into(),
+            mode: 0o640,
+            uid: Some(1000),
+            gid: Some(1000),
+            create_parents: true,
+            append: false,
+        })),
+    }];
+    messages.extend(data.chunks(1 << 20).map(|c| node::WriteFileRequest {
+        msg: Some(WriteMsg::Chunk(c.to_vec())),
+    }));
+    let written = client
+        .write_file(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(written.bytes_written, data.len() as u64);
+    let (out, _, _) = stack
+        .sh(&id, "stat -c '%s %a %u:%g' /tmp/deep/dir/data.bin")
+        .await;
+    assert_eq!(out.trim(), format!("{} 640 1000:1000", data.len()));
+
+    let read = |offset: u64, length: u64| node::ReadFileRequest {
+        sandbox_id: id.clone(),
+        path: "/tmp/deep/dir/data.bin".into(),
+        offset,
+        length,
+    };
+    let collect = |mut stream: tonic::Streaming<node::ReadFileResponse>| async move {
+        let mut header = None;
+        let mut body = Vec::new();
+        while let Some(m) = stream.message().await.unwrap() {
+            match m.msg.unwrap() {
+                ReadMsg::Header(h) => header = Some(h),
+                ReadMsg::Chunk(c) => body.extend(c),
+            }
+        }
+        (header.unwrap(), body)
+    };
+    let (header, body) = collect(client.read_file(read(0, 0)).await.unwrap().into_inner()).await;
+    assert_eq!(header.size, data.len() as u64);
+    assert!(body == data, "the file came back different");
+    let (_, part) = collect(client.read_file(read(1000, 10)).await.unwrap().into_inner()).await;
+    assert_eq!(part, data[1000..1010]);
+
+    // Bad requests name their problem.
+    let err = client
+        .read_file(node::ReadFileRequest {
+            sandbox_id: id.clone(),
+            path: "/no/such/file".into(),
+            offset: 0,
+            length: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let err = client
+        .read_file(node::ReadFileRequest {
+            sandbox_id: id.clone(),
+            path: "relative".into(),
+            offset: 0,
+            length: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("path"), "{err:?}");
+    let err = client
+        .write_file(tokio_stream::iter([node::WriteFileRequest {
+            msg: Some(WriteMsg::Chunk(b"no header".to_vec())),
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("header"), "{err:?}");
+}
