@@ -131,6 +131,9 @@ pub(crate) struct Inner {
     pub(crate) cache: TemplateCache,
     pub(crate) templates: Templates,
     pub(crate) sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
+    /// Ids whose create is under way (a second create of one waits for nothing: it is
+    /// refused, and a retry after the first finished gets the sandbox).
+    pub(crate) creating: Mutex<std::collections::HashSet<SandboxId>>,
     pub(crate) tombstones: Mutex<VecDeque<(Instant, SandboxInfo)>>,
     pub(crate) pools: Mutex<HashMap<TemplateName, PoolState>>,
     pub(crate) allocated: Mutex<Allocation>,
@@ -210,6 +213,7 @@ impl Node {
             cache,
             templates: Templates::new(meta),
             sandboxes: Mutex::new(HashMap::new()),
+            creating: Mutex::new(std::collections::HashSet::new()),
             tombstones: Mutex::new(VecDeque::new()),
             pools: Mutex::new(HashMap::new()),
             allocated: Mutex::new(Allocation::default()),
@@ -276,15 +280,6 @@ impl Node {
     pub async fn create(&self, request: CreateRequest) -> Result<Created, NodeError> {
         let inner = &self.inner;
         let spec = &request.spec;
-        let mode = spec.network.mode();
-        let rate_limit = match mode {
-            NetworkMode::Internet => spec
-                .network
-                .egress_rate_bps()
-                .or(inner.config.default_rate_limit)
-                .map(rate_limit),
-            _ => None,
-        };
         let timeout = spec.timeout.unwrap_or(inner.config.default_timeout);
         if timeout > inner.config.max_timeout {
             return Err(NodeError::InvalidArgument {
@@ -297,11 +292,41 @@ impl Node {
             });
         }
         let id = request.id.clone().unwrap_or_default();
-        if lock(&inner.sandboxes).contains_key(&id) {
+        // Idempotent on the id: a retried create (the scheduler's, after a lost reply)
+        // gets the sandbox it already made.
+        if let Some(existing) = lock(&inner.sandboxes).get(&id) {
+            return Ok(Created {
+                sandbox: lock(&existing.info).clone(),
+                from_pool: false,
+            });
+        }
+        if !lock(&inner.creating).insert(id.clone()) {
             return Err(NodeError::FailedPrecondition(format!(
-                "sandbox {id} already exists"
+                "sandbox {id} is being created; retry to get it"
             )));
         }
+        let result = self.create_new(&id, &request, timeout).await;
+        lock(&inner.creating).remove(&id);
+        result
+    }
+
+    async fn create_new(
+        &self,
+        id: &SandboxId,
+        request: &CreateRequest,
+        timeout: Duration,
+    ) -> Result<Created, NodeError> {
+        let inner = &self.inner;
+        let spec = &request.spec;
+        let mode = spec.network.mode();
+        let rate_limit = match mode {
+            NetworkMode::Internet => spec
+                .network
+                .egress_rate_bps()
+                .or(inner.config.default_rate_limit)
+                .map(rate_limit),
+            _ => None,
+        };
         let digest =
             (!request.template_digest.is_empty()).then_some(request.template_digest.as_str());
         let template = inner.templates.resolve(&spec.template, digest).await?;
@@ -331,7 +356,7 @@ impl Node {
                     inner
                         .booter
                         .boot(
-                            vm_id_for(&id),
+                            vm_id_for(id),
                             &template,
                             cached,
                             VmShape {
@@ -356,7 +381,7 @@ impl Node {
         if from_pool {
             inner.refill.notify_one();
         }
-        match inner.hand_over(&id, booted, &request, timeout).await {
+        match inner.hand_over(id, booted, request, timeout).await {
             Ok(info) => Ok(Created {
                 sandbox: info,
                 from_pool,
