@@ -8,6 +8,11 @@ use tokio::net::UnixStream;
 
 use crate::{AgentEndpoint, Vm, VmmError};
 
+/// One vsock connection attempt's bound.
+const VSOCK_ATTEMPT: Duration = Duration::from_secs(2);
+/// Pause between vsock connection attempts while the guest boots.
+const VSOCK_RETRY: Duration = Duration::from_millis(20);
+
 /// Waits until the guest agent of `vm` answers, at most `timeout`.
 pub async fn connect_agent(vm: &dyn Vm, timeout: Duration) -> Result<AgentClient, VmmError> {
     let attempt = async {
@@ -15,9 +20,18 @@ pub async fn connect_agent(vm: &dyn Vm, timeout: Duration) -> Result<AgentClient
             AgentEndpoint::Unix(path) => UnixStream::connect(&path)
                 .await
                 .map_err(|e| VmmError::io(format!("connecting to {}", path.display()), e))?,
-            AgentEndpoint::FirecrackerVsock { uds, port } => {
-                connect_firecracker_vsock(&uds, port, timeout).await?
-            }
+            // Firecracker's vsock socket refuses connections (or the guest port does)
+            // until the guest's agent listens: retry until it does; the timeout and the
+            // VM's exit below bound the loop.
+            AgentEndpoint::FirecrackerVsock { uds, port } => loop {
+                match connect_firecracker_vsock(&uds, port, VSOCK_ATTEMPT).await {
+                    Ok(stream) => break stream,
+                    Err(e) => {
+                        tracing::trace!(vm = vm.id(), error = %e, "guest agent not listening yet");
+                        tokio::time::sleep(VSOCK_RETRY).await;
+                    }
+                }
+            },
         };
         Ok::<_, VmmError>(AgentClient::connect(stream, timeout).await?)
     };
