@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "warmup_task_platform",
         sql: include_str!("../../migrations/0002_warmup_task_platform.sql"),
     },
+    Migration {
+        version: 3,
+        name: "nodes_and_sandboxes",
+        sql: include_str!("../../migrations/0003_nodes_and_sandboxes.sql"),
+    },
 ];
 
 /// The schema version this code expects.

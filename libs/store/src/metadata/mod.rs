@@ -3,8 +3,9 @@
 //!
 //! The schema is versioned ([`migrate`]): embedded SQL files under `migrations/`, applied
 //! in one transaction when a [`MetadataStore`] is opened. Tables now: `templates` (one row
-//! per template name; several names may share one root filesystem object) and
-//! `warmup_tasks` (one row per warmup, with its progress).
+//! per template name; several names may share one root filesystem object),
+//! `warmup_tasks` (one row per warmup, with its progress), and for the scheduler `nodes`
+//! and `sandboxes` (desired and observed state; see `cluster`).
 //!
 //! Designed to grow: `nodes` (id, address, capacity, heartbeat), `sandboxes` (UUIDv7 id,
 //! `template_name` referencing `templates`, `node_id` referencing `nodes`, desired and
@@ -14,6 +15,7 @@
 //! nothing here has to change for them. Deleting a template then becomes a check for
 //! sandboxes referencing it (the foreign key refuses otherwise).
 
+mod cluster;
 mod error;
 pub mod migrate;
 
@@ -24,6 +26,10 @@ use nanobox_core::{ImageConfig, TemplateName, TemplateState};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+pub use cluster::{
+    NewSandbox, NodeObserved, NodeRecord, NodeReport, SandboxFilter, SandboxObservation,
+    SandboxRecord,
+};
 pub use error::MetadataError;
 
 const ALL_STATES: [TemplateState; 7] = [
