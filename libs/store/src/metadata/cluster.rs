@@ -562,6 +562,22 @@ impl MetadataStore {
         row.as_ref().map(sandbox_from).transpose()
     }
 
+    /// The sandboxes recorded on node `node_id` that are not stopped, oldest first.
+    pub async fn node_sandboxes(&self, node_id: &str) -> Result<Vec<SandboxRecord>, MetadataError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {SANDBOX_COLUMNS} FROM sandboxes
+                     WHERE node_id = $1 AND observed_state <> 'STOPPED' ORDER BY id"
+                ),
+                &[&node_id],
+            )
+            .await
+            .map_err(db("listing a node's sandboxes"))?;
+        rows.iter().map(sandbox_from).collect()
+    }
+
     /// Sandboxes that should be running but whose deadline has passed (database clock).
     pub async fn expired_sandboxes(&self) -> Result<Vec<SandboxRecord>, MetadataError> {
         let client = self.client().await?;

@@ -1,0 +1,150 @@
+//! `scheduler`: the NanoBox control plane. Serves the public `nanobox.v1.Sandboxes` and
+//! `nanobox.v1.Cluster` APIs and the internal `nanobox.node.v1.NodeRegistry` (node agents
+//! register and heartbeat), plus gRPC health and reflection, on `[api].grpc_addr`.
+//!
+//! Sandboxes are recorded in Postgres with their desired and observed state; a reconcile
+//! loop marks silent nodes and their sandboxes LOST, deletes sandboxes past their deadline
+//! and retries deletes that did not reach their node, so a restart loses nothing.
+
+mod error;
+mod grpc;
+mod nodes;
+mod scheduler;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use nanobox_config::Config;
+use nanobox_proto::node::v1::node_registry_server::NodeRegistryServer;
+use nanobox_proto::v1::cluster_server::ClusterServer;
+use nanobox_proto::v1::sandboxes_server::SandboxesServer;
+use nanobox_scheduler::auth::{ClientAuth, ServerAuth};
+use nanobox_store::metadata::PoolOptions;
+use nanobox_store::MetadataStore;
+
+#[derive(Debug, Parser)]
+#[command(name = "scheduler", version, about = "NanoBox scheduler")]
+struct Args {
+    /// The configuration file (`nanobox.toml`). Default: `$NANOBOX_CONFIG`, else
+    /// `/etc/nanobox/nanobox.toml` if it exists, else the built-in defaults. Every key can
+    /// be overridden by `NANOBOX__<SECTION>__<KEY>` variables.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// A create waits this long for its node at least (a cold boot under TCG on a busy host
+/// takes tens of seconds).
+const MIN_CREATE_DEADLINE: Duration = Duration::from_secs(180);
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = Config::load(args.config.as_deref()).context("reading the configuration")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let _telemetry = nanobox_telemetry::init("nanobox-scheduler", &config.telemetry)
+        .context("setting up telemetry")?;
+    let db: tokio_postgres::Config = config
+        .database
+        .url
+        .expose()
+        .parse()
+        .context("[database].url is not a valid Postgres connection string")?;
+    let meta = MetadataStore::open(db, PoolOptions::default())
+        .await
+        .context("opening the metadata database")?;
+    let token = config
+        .auth
+        .load_service_token()
+        .context("reading [auth] service token")?;
+    let token = token.as_ref().map(|t| t.expose());
+    let client_auth = ClientAuth::new(token).context("[auth] service token")?;
+    let server_auth = ServerAuth::new(token);
+
+    let request_timeout = Duration::from_secs(config.api.request_timeout_sec.max(1));
+    let settings = scheduler::Settings {
+        heartbeat_interval: Duration::from_millis(config.scheduler.heartbeat_interval_ms),
+        lost_after: Duration::from_secs(config.scheduler.node_lost_after_sec),
+        default_timeout: Duration::from_secs(config.agent.default_timeout_sec),
+        max_timeout: Duration::from_secs(config.agent.max_timeout_sec),
+        create_deadline: request_timeout.max(MIN_CREATE_DEADLINE),
+        call_deadline: request_timeout,
+    };
+    let scheduler = Arc::new(scheduler::Scheduler {
+        meta,
+        nodes: nodes::Nodes::new(client_auth, settings.lost_after),
+        settings,
+    });
+    let reconciler = tokio::spawn(reconcile_loop(Arc::clone(&scheduler)));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SandboxesServer<grpc::Api>>().await;
+    health.set_serving::<ClusterServer<grpc::Api>>().await;
+    health.set_serving::<NodeRegistryServer<grpc::Api>>().await;
+    let listen = config.api.grpc_addr;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen} ([api].grpc_addr)"))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(address = %local, "scheduler serving");
+    // A line for supervisors and tests that asked for port 0.
+    println!("listening on {local}");
+
+    let api = grpc::Api::new(Arc::clone(&scheduler));
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(nanobox_proto::reflection_service().context("building reflection")?)
+        .add_service(nanobox_proto::reflection_service_v1alpha().context("building reflection")?)
+        .add_service(SandboxesServer::new(api.clone()))
+        .add_service(ClusterServer::new(api.clone()))
+        .add_service(NodeRegistryServer::with_interceptor(api, server_auth))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown(),
+        )
+        .await
+        .context("serving gRPC");
+    reconciler.abort();
+    result
+}
+
+/// Runs a reconcile pass every heartbeat interval (at most every second apart), for ever.
+async fn reconcile_loop(scheduler: Arc<scheduler::Scheduler>) {
+    let period = scheduler
+        .settings
+        .heartbeat_interval
+        .min(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = scheduler.reconcile().await {
+            tracing::warn!(error = %e, "reconcile pass failed; next one in {period:?}");
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+}
