@@ -13,11 +13,16 @@ pub enum NetError {
     #[error("invalid sandbox id {0:?}: 1-64 characters of [a-z0-9-]")]
     InvalidId(String),
 
+    /// A tenant scope that `nanobox_core::NetworkSpec` would not have accepted.
+    #[error("invalid tenant scope {0:?}: 1-63 characters of [A-Za-z0-9._-]")]
+    InvalidScope(String),
+
     /// The sandbox already has a network; destroy it first.
     #[error("sandbox {0} already has a network")]
     AlreadyExists(String),
 
-    /// Every address of the subnet is leased.
+    /// Every address of the range a sandbox leases from is taken: the unscoped range,
+    /// its tenant scope's block, or every scope block (`subnet` names which).
     #[error("no free address left in {subnet}")]
     Exhausted { subnet: String },
 
@@ -65,7 +70,8 @@ impl NetError {
         }
     }
 
-    /// True when the subnet has no free address: the node is full, not broken.
+    /// True when the subnet has no free address for the sandbox: the node is full (for
+    /// sandboxes of its kind), not broken.
     pub fn is_exhausted(&self) -> bool {
         matches!(self, Self::Exhausted { .. })
     }

@@ -10,7 +10,9 @@
 //!   element per internet-mode sandbox.
 //! * each **sandbox** namespace: the 1:1 NAT between the fixed guest address and the
 //!   sandbox's routable address, DNS at the gateway address forwarded to the resolver,
-//!   and the mode's policy, enforced before a packet ever reaches the shared bridge. It
+//!   and the mode's policy, enforced before a packet ever reaches the shared bridge. Its
+//!   peers are one prefix (its tenant scope's block, or the unscoped range), checked on
+//!   the way out and on the way in, so the rules never change while it lives. It
 //!   disappears with the namespace, so destroying a sandbox cannot leave a rule behind.
 //!
 //! Sandbox-to-sandbox traffic crosses the bridge at layer 2, where the host's IP rules
@@ -115,15 +117,23 @@ pub(crate) struct SandboxRules<'a> {
     pub mode: NetworkMode,
     pub routable: Ipv4Addr,
     pub subnet: Ipv4Cidr,
+    /// The bridge's address: the node itself.
+    pub gateway: Ipv4Addr,
     pub dns: Ipv4Addr,
     pub services: &'a [Ipv4Cidr],
+    /// The addresses of the sandboxes this one may exchange traffic with (its tenant
+    /// scope's block, or the unscoped range for an unscoped internal sandbox); `None`:
+    /// no peers (an unscoped internet sandbox).
+    pub peers: Option<Ipv4Cidr>,
 }
 
-/// The sandbox table (a fresh namespace: nothing to replace).
+/// The sandbox table (a fresh namespace: nothing to replace). The rules name prefixes
+/// only, never another sandbox: they stay as they are for the sandbox's whole life.
 pub(crate) fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
     let SandboxRules {
         routable,
         subnet,
+        gateway,
         dns,
         ..
     } = r;
@@ -132,11 +142,12 @@ pub(crate) fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
     let _ = writeln!(
         text,
         "\tchain prerouting {{
-		type nat hook prerouting priority dstnat; policy accept;
-		iifname \"{TAP_NAME}\" ip daddr {GATEWAY_ADDRESS} meta l4proto {{ tcp, udp }} th dport 53 dnat to {dns}"
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tiifname \"{TAP_NAME}\" ip daddr {GATEWAY_ADDRESS} meta l4proto {{ tcp, udp }} th dport 53 dnat to {dns}"
     );
-    if internal {
-        // Peers reach the guest at the sandbox's routable address.
+    if internal || r.peers.is_some() {
+        // Peers (and in internal mode the node) reach the guest at the sandbox's
+        // routable address; the forward chain decides who may.
         let _ = writeln!(
             text,
             "\t\tiifname \"{UPLINK_NAME}\" ip daddr {routable} dnat to {GUEST_ADDRESS}"
@@ -145,43 +156,53 @@ pub(crate) fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
     let _ = write!(
         text,
         "\t}}
-	chain postrouting {{
-		type nat hook postrouting priority srcnat; policy accept;
-		oifname \"{UPLINK_NAME}\" ip saddr {GUEST_ADDRESS} snat to {routable}
-	}}
-	chain input {{
-		type filter hook input priority filter; policy drop;
-		iifname \"lo\" accept
-	}}
-	chain forward {{
-		type filter hook forward priority filter; policy drop;
-		ct state established,related accept
-		ct state invalid drop
-		iifname \"{TAP_NAME}\" oifname \"{UPLINK_NAME}\" ip saddr {GUEST_ADDRESS} jump egress
+\tchain postrouting {{
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\toifname \"{UPLINK_NAME}\" ip saddr {GUEST_ADDRESS} snat to {routable}
+\t}}
+\tchain input {{
+\t\ttype filter hook input priority filter; policy drop;
+\t\tiifname \"lo\" accept
+\t}}
+\tchain forward {{
+\t\ttype filter hook forward priority filter; policy drop;
+\t\tct state established,related accept
+\t\tct state invalid drop
+\t\tiifname \"{TAP_NAME}\" oifname \"{UPLINK_NAME}\" ip saddr {GUEST_ADDRESS} jump egress
 "
     );
-    if internal {
+    let inbound = format!("iifname \"{UPLINK_NAME}\" oifname \"{TAP_NAME}\"");
+    if let Some(peers) = r.peers {
         let _ = writeln!(
             text,
-            "\t\tiifname \"{UPLINK_NAME}\" oifname \"{TAP_NAME}\" ip saddr {subnet} ip daddr {GUEST_ADDRESS} accept"
+            "\t\t{inbound} ip saddr {peers} ip daddr {GUEST_ADDRESS} accept"
+        );
+    }
+    // The node reaches internal sandboxes (in the unscoped range it is a peer already).
+    if internal && !r.peers.is_some_and(|p| p.contains(*gateway)) {
+        let _ = writeln!(
+            text,
+            "\t\t{inbound} ip saddr {gateway} ip daddr {GUEST_ADDRESS} accept"
         );
     }
     let _ = write!(
         text,
         "\t}}
-	chain egress {{
-		ip daddr {dns} meta l4proto {{ tcp, udp }} th dport 53 accept
-		ip daddr {LINK_LOCAL} drop
+\tchain egress {{
+\t\tip daddr {dns} meta l4proto {{ tcp, udp }} th dport 53 accept
+\t\tip daddr {LINK_LOCAL} drop
 "
     );
     if !r.services.is_empty() {
         let services: Vec<String> = r.services.iter().map(ToString::to_string).collect();
         let _ = writeln!(text, "\t\tip daddr {{ {} }} accept", services.join(", "));
     }
+    if let Some(peers) = r.peers {
+        let _ = writeln!(text, "\t\tip daddr {peers} accept");
+    }
     match r.mode {
-        NetworkMode::Internal => {
-            let _ = writeln!(text, "\t\tip daddr {subnet} accept");
-        }
+        // Nothing else: the forward chain's policy drops it.
+        NetworkMode::Internal => {}
         NetworkMode::Internet => {
             let _ = writeln!(text, "\t\tip daddr {subnet} drop\n\t\taccept");
         }
@@ -234,36 +255,81 @@ mod tests {
     }
 
     #[test]
-    fn sandbox_policy_follows_the_mode() {
-        let rules = |mode| {
+    fn sandbox_policy_follows_the_mode_and_scope() {
+        let rules = |mode, peers: Option<&str>| {
             sandbox_ruleset(&SandboxRules {
                 mode,
                 routable: "10.100.0.5".parse().unwrap(),
                 subnet: "10.100.0.0/16".parse().unwrap(),
+                gateway: "10.100.0.1".parse().unwrap(),
                 dns: "10.100.0.1".parse().unwrap(),
                 services: &[],
+                peers: peers.map(|p| p.parse().unwrap()),
             })
         };
-        let internal = rules(NetworkMode::Internal);
+        let from_node = "ip saddr 10.100.0.1 ip daddr 169.254.0.2 accept";
+        // Unscoped internal: the unscoped range (which holds the node) both ways.
+        let internal = rules(NetworkMode::Internal, Some("10.100.0.0/17"));
         assert!(
             internal.contains("ip daddr 10.100.0.5 dnat to 169.254.0.2"),
             "{internal}"
         );
         assert!(
-            internal.contains("\t\tip daddr 10.100.0.0/16 accept\n"),
+            internal.contains("\t\tip daddr 10.100.0.0/17 accept\n"),
             "{internal}"
         );
+        assert!(
+            internal.contains("ip saddr 10.100.0.0/17 ip daddr 169.254.0.2 accept"),
+            "{internal}"
+        );
+        assert!(!internal.contains(from_node), "{internal}");
+        assert!(!internal.contains("10.100.0.0/16"), "{internal}");
         assert!(
             !internal.contains("\t\taccept\n"),
             "internal must not accept everything"
         );
-        let internet = rules(NetworkMode::Internet);
+        // Scoped internal: its block both ways, and the node in.
+        let scoped = rules(NetworkMode::Internal, Some("10.100.128.0/25"));
+        assert!(
+            scoped.contains("ip saddr 10.100.128.0/25 ip daddr 169.254.0.2 accept"),
+            "{scoped}"
+        );
+        assert!(scoped.contains(from_node), "{scoped}");
+        assert!(
+            scoped.contains("\t\tip daddr 10.100.128.0/25 accept\n"),
+            "{scoped}"
+        );
+        assert!(!scoped.contains("10.100.0.0/"), "{scoped}");
+        // A version 1 lease: the whole subnet, as before scopes.
+        let legacy = rules(NetworkMode::Internal, Some("10.100.0.0/16"));
+        assert!(legacy.contains("\t\tip daddr 10.100.0.0/16 accept\n"));
+        // Unscoped internet: no peers, nothing in.
+        let internet = rules(NetworkMode::Internet, None);
         assert!(!internet.contains("dnat to 169.254.0.2"), "{internet}");
+        assert!(!internet.contains("oifname \"tap0\""), "{internet}");
         assert!(
             internet.contains("ip daddr 10.100.0.0/16 drop\n\t\taccept\n"),
             "{internet}"
         );
-        for text in [&internal, &internet] {
+        // Scoped internet: its block both ways (before the subnet is dropped), not the
+        // node.
+        let scoped_internet = rules(NetworkMode::Internet, Some("10.100.128.0/25"));
+        assert!(
+            scoped_internet.contains(
+                "ip daddr 10.100.128.0/25 accept\n\t\tip daddr 10.100.0.0/16 drop\n\t\taccept\n"
+            ),
+            "{scoped_internet}"
+        );
+        assert!(
+            scoped_internet.contains("ip saddr 10.100.128.0/25 ip daddr 169.254.0.2 accept"),
+            "{scoped_internet}"
+        );
+        assert!(
+            scoped_internet.contains("dnat to 169.254.0.2"),
+            "{scoped_internet}"
+        );
+        assert!(!scoped_internet.contains(from_node), "{scoped_internet}");
+        for text in [&internal, &scoped, &internet, &scoped_internet] {
             assert!(text.contains("snat to 10.100.0.5"));
             assert!(text.contains("th dport 53 dnat to 10.100.0.1"));
             assert!(text.contains("policy drop"));

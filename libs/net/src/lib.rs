@@ -28,18 +28,36 @@
 //! * **Modes.** `isolated`: a namespace with no device in it (only loopback) and no
 //!   address; the VM gets no network device, its agent channel is virtio-serial. The
 //!   namespace still confines the VMM process itself. `internal`: the resolver, the
-//!   configured internal services, and other internal sandboxes of the node (inbound
-//!   from the subnet is allowed, so the node itself can reach them too); nothing else.
-//!   `internet`: the resolver, internal services and anything beyond the host interface
-//!   through NAT, but no other sandbox and nothing on the node; nothing may connect in.
-//!   In every mode link-local destinations (cloud metadata) are dropped.
+//!   configured internal services, and its peers (below); the node itself may connect
+//!   in; nothing else. `internet`: the resolver, internal services and anything beyond
+//!   the host interface through NAT, and its peers if it has a tenant scope, but no
+//!   other sandbox and nothing on the node; nobody but its peers may connect in. In
+//!   every mode link-local destinations (cloud metadata) are dropped.
+//! * **Tenant scopes.** Sandboxes (internal or internet) with the same tenant scope are
+//!   each other's peers; different scopes never are. Unscoped internal sandboxes are
+//!   peers of each other, as all internal sandboxes of a node were before scopes (a
+//!   caller that sets no scope keeps today's behaviour; pooled VMs, which are booted
+//!   before anyone asks, have no scope), and never of a scoped sandbox. Unscoped
+//!   internet sandboxes have no peers. "Same scope" is a prefix: the subnet's lower half
+//!   is the unscoped range, its upper half is cut into equal blocks, and a scope leases
+//!   every address from one block, taken by its first sandbox and released with its
+//!   last (module `scope`; `/25`s of a `/16`, so 256 scopes of up to 128 sandboxes per
+//!   node). Each namespace then allows its guest to and from one prefix, written once
+//!   at create and never touched again, and the sender's and the receiver's namespace
+//!   both check it. The alternative, a set of peer addresses in every namespace, would
+//!   have to be rewritten in each of a scope's namespaces whenever a peer comes or goes
+//!   (one `nsenter` per peer, per create and destroy), kept consistent across crashes,
+//!   and any element left behind would let the next holder of that address in; blocks
+//!   cost a fixed partition of the subnet instead, and a create that finds its scope's
+//!   block (or every block) full fails as exhausted. The scope and block of every lease
+//!   are in the lease file, so restarts and orphan cleanup need nothing else.
 //! * **DNS.** The guest's resolver is its gateway; the namespace forwards port 53 there
 //!   to the configured `dns_server`, so a resolver change on a node never needs the
 //!   guest's resolv.conf to change.
 //! * **Rate limit.** `tc` token buckets on the TAP and the uplink (module `shaping`), or
 //!   handed to the VMM in [`nanobox_vmm::NetSpec`] when it has a limiter.
-//! * **Addresses** are leased from a lock-protected, atomically replaced JSON file under
-//!   the state directory; module `registry`.
+//! * **Addresses** (and scope blocks) are leased from a lock-protected, atomically
+//!   replaced JSON file under the state directory; module `registry`.
 //!
 //! # Tools
 //!
@@ -64,6 +82,7 @@ pub mod netns;
 mod node;
 mod registry;
 mod sandbox;
+mod scope;
 mod shaping;
 mod tap;
 

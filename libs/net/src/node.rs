@@ -16,6 +16,7 @@ use crate::sandbox::{
     host_veth_name, mac_text, RateLimiter, SandboxInterface, SandboxNetwork, GATEWAY_ADDRESS,
     GUEST_ADDRESS, GUEST_MAC, GUEST_PREFIX_LEN, TAP_MAC, TAP_NAME, UPLINK_NAME,
 };
+use crate::scope::valid_scope;
 use crate::{command, netns, shaping, tap, Ipv4Cidr, NetError};
 
 /// The node's network settings. The agent builds them from the `[network]` section of
@@ -191,14 +192,26 @@ impl NodeNetwork {
     /// interface; `nanobox_core::NetworkSpec` allows one in internet mode only). On
     /// failure everything this call made is removed again. A record left by a create
     /// that crashed half-way is reused, with its address and rate limit.
+    ///
+    /// `tenant_scope` (`nanobox_core::NetworkSpec::tenant_scope`; an empty one means
+    /// none): internal and internet sandboxes of the same scope reach each other, and
+    /// no sandbox of another scope or without one. Internal sandboxes without a scope
+    /// reach each other, as they did before scopes existed. See the crate docs.
     pub async fn create(
         &self,
         id: &str,
         mode: NetworkMode,
         rate_limit: Option<RateLimit>,
+        tenant_scope: Option<&str>,
     ) -> Result<SandboxNetwork, NetError> {
         if !valid_id(id) {
             return Err(NetError::InvalidId(id.to_owned()));
+        }
+        let scope = tenant_scope.filter(|s| !s.is_empty());
+        if let Some(scope) = scope {
+            if !valid_scope(scope) {
+                return Err(NetError::InvalidScope(scope.to_owned()));
+            }
         }
         let name = self.netns_name(id);
         if netns::path(&name).exists() {
@@ -207,11 +220,20 @@ impl NodeNetwork {
         let (record, new) = {
             let (reg, id, mode_text) = (self.registry.clone(), id.to_owned(), mode.as_str());
             let rate = rate_limit.map(|r| (r.rate_bytes_per_sec, r.burst_bytes));
-            blocking(move || reg.insert(&id, mode_text, mode != NetworkMode::Isolated, rate))
-                .await?
+            let scope_owned = scope.map(str::to_owned);
+            blocking(move || {
+                reg.insert(
+                    &id,
+                    mode_text,
+                    mode != NetworkMode::Isolated,
+                    rate,
+                    scope_owned.as_deref(),
+                )
+            })
+            .await?
         };
-        // One for another mode means a caller confused two sandboxes.
-        if record.mode != mode.as_str() {
+        // One for another mode or scope means a caller confused two sandboxes.
+        if record.mode != mode.as_str() || record.scope.as_deref() != scope {
             return Err(NetError::AlreadyExists(id.to_owned()));
         }
         let release = || async {
@@ -240,7 +262,7 @@ impl NodeNetwork {
         };
         match self.build(id, &path, &record).await {
             Ok(network) => {
-                tracing::info!(sandbox_id = id, %mode, address = ?record.address, "sandbox network created");
+                tracing::info!(sandbox_id = id, %mode, tenant_scope = ?scope, address = ?record.address, "sandbox network created");
                 Ok(network)
             }
             Err(e) => {
@@ -280,12 +302,20 @@ impl NodeNetwork {
         };
         // Rules first (they name devices, which need not exist yet): no packet ever
         // crosses the namespace unfiltered.
+        let peers = match (mode, &record.scope, record.block) {
+            (NetworkMode::Internet, None, _) => None,
+            (_, _, Some(block)) => Some(block),
+            // A lease from before scopes: its peers were the whole subnet.
+            (_, _, None) => Some(self.config.subnet),
+        };
         let rules = firewall::sandbox_ruleset(&SandboxRules {
             mode,
             routable,
             subnet: self.config.subnet,
+            gateway: self.config.gateway(),
             dns: self.config.dns_server,
             services: &self.config.internal_services,
+            peers,
         });
         command::run(ns, "nft", &["-f", "-"], Some(&rules)).await?;
         let inside = Netlink::connect(ns).await?;
@@ -347,6 +377,7 @@ impl NodeNetwork {
         SandboxNetwork {
             id: id.to_owned(),
             mode: parse_mode(&record.mode),
+            tenant_scope: record.scope.clone(),
             netns: netns::path(&self.netns_name(id)),
             interface: record.address.map(|routable| SandboxInterface {
                 tap: TAP_NAME.to_owned(),

@@ -48,6 +48,9 @@ pub enum RateLimiter {
 pub struct SandboxNetwork {
     pub id: String,
     pub mode: NetworkMode,
+    /// The tenant scope it was created with: sandboxes of the same scope reach each
+    /// other (internal and internet mode).
+    pub tenant_scope: Option<String>,
     /// The namespace the VMM must run in (`VmSpec::netns`).
     pub netns: PathBuf,
     /// The guest's interface; `None` in isolated mode, which has no network device.
@@ -132,6 +135,7 @@ mod tests {
         let net = SandboxNetwork {
             id: "s".into(),
             mode: NetworkMode::Internet,
+            tenant_scope: None,
             netns: "/run/netns/nbx-s".into(),
             interface: Some(SandboxInterface {
                 tap: TAP_NAME.into(),

@@ -32,17 +32,17 @@ async fn create_then_destroy_leaves_no_namespace_link_rule_or_lease() {
     let baseline_rules = w.host_nft(&["list", "ruleset"]);
     let internal = w
         .node
-        .create("lc-internal", NetworkMode::Internal, None)
+        .create("lc-internal", NetworkMode::Internal, None, None)
         .await
         .unwrap();
     let internet = w
         .node
-        .create("lc-internet", NetworkMode::Internet, Some(LIMIT))
+        .create("lc-internet", NetworkMode::Internet, Some(LIMIT), None)
         .await
         .unwrap();
     let isolated = w
         .node
-        .create("lc-isolated", NetworkMode::Isolated, None)
+        .create("lc-isolated", NetworkMode::Isolated, None, None)
         .await
         .unwrap();
 
@@ -126,12 +126,12 @@ async fn leases_survive_an_agent_restart_and_are_never_handed_out_twice() {
     let w = World::new().await;
     let a = w
         .node
-        .create("rs-a", NetworkMode::Internet, Some(LIMIT))
+        .create("rs-a", NetworkMode::Internet, Some(LIMIT), None)
         .await
         .unwrap();
     let b = w
         .node
-        .create("rs-b", NetworkMode::Internal, None)
+        .create("rs-b", NetworkMode::Internal, None, None)
         .await
         .unwrap();
 
@@ -146,7 +146,7 @@ async fn leases_survive_an_agent_restart_and_are_never_handed_out_twice() {
 
     let mut seen: HashSet<_> = [addr_a, b.interface.as_ref().unwrap().routable_address].into();
     let c = restarted
-        .create("rs-c", NetworkMode::Internal, None)
+        .create("rs-c", NetworkMode::Internal, None, None)
         .await
         .unwrap();
     assert!(seen.insert(c.interface.as_ref().unwrap().routable_address));
@@ -154,7 +154,7 @@ async fn leases_survive_an_agent_restart_and_are_never_handed_out_twice() {
     // A released address is not the next one handed out.
     restarted.destroy("rs-a").await.unwrap();
     let d = restarted
-        .create("rs-d", NetworkMode::Internal, None)
+        .create("rs-d", NetworkMode::Internal, None, None)
         .await
         .unwrap();
     assert!(seen.insert(d.interface.as_ref().unwrap().routable_address));
@@ -169,12 +169,12 @@ async fn cleanup_orphans_removes_everything_not_known() {
     let w = World::new().await;
     for id in ["or-a", "or-b", "or-c"] {
         w.node
-            .create(id, NetworkMode::Internal, None)
+            .create(id, NetworkMode::Internal, None, None)
             .await
             .unwrap();
     }
     w.node
-        .create("or-i", NetworkMode::Isolated, None)
+        .create("or-i", NetworkMode::Isolated, None, None)
         .await
         .unwrap();
     let kept = w.node.get("or-b").await.unwrap().unwrap();
@@ -224,18 +224,18 @@ async fn bad_requests_are_refused_without_side_effects() {
     for bad in ["", "Upper", "../etc", "a b"] {
         let err = w
             .node
-            .create(bad, NetworkMode::Internal, None)
+            .create(bad, NetworkMode::Internal, None, None)
             .await
             .unwrap_err();
         assert!(matches!(err, NetError::InvalidId(_)), "{err}");
     }
     w.node
-        .create("dup", NetworkMode::Internal, None)
+        .create("dup", NetworkMode::Internal, None, None)
         .await
         .unwrap();
     let err = w
         .node
-        .create("dup", NetworkMode::Internal, None)
+        .create("dup", NetworkMode::Internal, None, None)
         .await
         .unwrap_err();
     assert!(matches!(err, NetError::AlreadyExists(_)), "{err}");
@@ -250,10 +250,93 @@ async fn bad_requests_are_refused_without_side_effects() {
     NodeNetwork::setup(bad.clone()).await.unwrap();
     // ...but not while a lease of the old subnet exists.
     let node = NodeNetwork::setup(w.config.clone()).await.unwrap();
-    node.create("held", NetworkMode::Internal, None)
+    node.create("held", NetworkMode::Internal, None, None)
         .await
         .unwrap();
     let err = NodeNetwork::setup(bad).await.unwrap_err();
     assert!(matches!(err, NetError::State { .. }), "{err}");
     node.destroy("held").await.unwrap();
+}
+
+/// Tenant scopes as address blocks: sandboxes of one scope share a block (recorded in
+/// the lease file, so a restarted agent and cleanup know it), other scopes get others,
+/// unscoped sandboxes stay in the lower half, and each namespace's rules name only its
+/// own block.
+#[tokio::test]
+async fn tenant_scopes_lease_stable_blocks_that_survive_a_restart() {
+    let w = World::new().await;
+    let create = |id: &'static str, mode, scope: Option<&'static str>| {
+        let node = w.node.clone();
+        async move { node.create(id, mode, None, scope).await.unwrap() }
+    };
+    let a1 = create("ts-a1", NetworkMode::Internal, Some("a")).await;
+    let a2 = create("ts-a2", NetworkMode::Internet, Some("a")).await;
+    let b = create("ts-b", NetworkMode::Internal, Some("b")).await;
+    let u = create("ts-u", NetworkMode::Internal, None).await;
+    let inet = create("ts-inet", NetworkMode::Internet, None).await;
+    let iso = create("ts-iso", NetworkMode::Isolated, Some("a")).await;
+    let addr = |n: &nanobox_net::SandboxNetwork| n.interface.as_ref().unwrap().routable_address;
+    // The default /16: the unscoped half is 10.100.0.0/17, scope blocks are /25s above.
+    let block = |n: &nanobox_net::SandboxNetwork| u32::from(addr(n)) >> 7;
+    let upper = |n: &nanobox_net::SandboxNetwork| addr(n).octets()[2] >= 128;
+    assert_eq!(block(&a1), block(&a2));
+    assert_ne!(block(&a1), block(&b));
+    assert!(upper(&a1) && upper(&b), "{} {}", addr(&a1), addr(&b));
+    assert!(!upper(&u) && !upper(&inet), "{} {}", addr(&u), addr(&inet));
+    assert_eq!(a1.tenant_scope.as_deref(), Some("a"));
+    assert_eq!(u.tenant_scope, None);
+    assert!(iso.interface.is_none());
+
+    let a_block = format!("{}/25", std::net::Ipv4Addr::from(block(&a1) << 7));
+    let rules = in_sandbox(&a1.netns, &["nft", "list", "table", "ip", "nanobox"]);
+    assert!(
+        rules.contains(&format!("ip saddr {a_block} ip daddr 169.254.0.2 accept")),
+        "{rules}"
+    );
+    assert!(
+        rules.contains(&format!("ip daddr {a_block} accept")),
+        "{rules}"
+    );
+    assert!(!rules.contains("10.100.0.0/"), "{rules}");
+    let rules = in_sandbox(&u.netns, &["nft", "list", "table", "ip", "nanobox"]);
+    assert!(rules.contains("ip daddr 10.100.0.0/17 accept"), "{rules}");
+    assert!(!rules.contains(&a_block), "{rules}");
+    let leases = std::fs::read_to_string(w.state.path().join("sandboxes.json")).unwrap();
+    assert!(leases.contains(&a_block), "{leases}");
+
+    // Bad scopes are refused; an empty one is no scope.
+    let err = w
+        .node
+        .create("ts-bad", NetworkMode::Internal, None, Some("a b"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NetError::InvalidScope(_)), "{err}");
+    let empty = create("ts-empty", NetworkMode::Internal, Some("")).await;
+    assert_eq!(empty.tenant_scope, None);
+    assert!(!upper(&empty));
+
+    // A restarted agent knows every scope, and keeps a scope's block for its next
+    // sandbox while one of the scope lives.
+    let restarted = NodeNetwork::setup(w.config.clone()).await.unwrap();
+    assert_eq!(restarted.get("ts-a1").await.unwrap().as_ref(), Some(&a1));
+    assert_eq!(restarted.get("ts-iso").await.unwrap().as_ref(), Some(&iso));
+    restarted.destroy("ts-a1").await.unwrap();
+    let a3 = restarted
+        .create("ts-a3", NetworkMode::Internal, None, Some("a"))
+        .await
+        .unwrap();
+    assert_eq!(block(&a3), block(&a2));
+
+    // Cleanup after a crash works from the same records and frees the blocks.
+    let removed = restarted.cleanup_orphans(&["ts-b"]).await.unwrap();
+    assert_eq!(
+        removed,
+        ["ts-a2", "ts-a3", "ts-empty", "ts-inet", "ts-iso", "ts-u"]
+    );
+    let leases = std::fs::read_to_string(w.state.path().join("sandboxes.json")).unwrap();
+    assert!(!leases.contains(&a_block), "{leases}");
+    assert!(leases.contains("\"b\""), "{leases}");
+    restarted.destroy("ts-b").await.unwrap();
+    let leases = std::fs::read_to_string(w.state.path().join("sandboxes.json")).unwrap();
+    assert!(!leases.contains("\"b\""), "{leases}");
 }

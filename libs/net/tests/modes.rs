@@ -99,17 +99,17 @@ async fn isolated_and_internet_guests_reach_no_other_sandbox() {
     let node_http = HttpServer::start(&w.host, BRIDGE_ADDRESS, HTTP_PORT, "the node");
     let peer_net = w
         .node
-        .create("peer", NetworkMode::Internal, None)
+        .create("peer", NetworkMode::Internal, None, None)
         .await
         .unwrap();
     let iso_net = w
         .node
-        .create("iso", NetworkMode::Isolated, None)
+        .create("iso", NetworkMode::Isolated, None, None)
         .await
         .unwrap();
     let inet_net = w
         .node
-        .create("inet", NetworkMode::Internet, None)
+        .create("inet", NetworkMode::Internet, None, None)
         .await
         .unwrap();
     let peer = boot("peer", &peer_net).await;
@@ -170,12 +170,12 @@ async fn internal_guests_reach_each_other_and_services_but_not_the_internet() {
     start_dns(&w.host, BRIDGE_ADDRESS);
     let a_net = w
         .node
-        .create("int-a", NetworkMode::Internal, None)
+        .create("int-a", NetworkMode::Internal, None, None)
         .await
         .unwrap();
     let b_net = w
         .node
-        .create("int-b", NetworkMode::Internal, None)
+        .create("int-b", NetworkMode::Internal, None, None)
         .await
         .unwrap();
     let a = boot("int-a", &a_net).await;
@@ -249,7 +249,7 @@ async fn internet_guest_reaches_the_internet_at_the_configured_rate() {
     };
     let net = w
         .node
-        .create("inet", NetworkMode::Internet, Some(limit))
+        .create("inet", NetworkMode::Internet, Some(limit), None)
         .await
         .unwrap();
     let vm = boot("inet", &net).await;
@@ -314,4 +314,160 @@ async fn internet_guest_reaches_the_internet_at_the_configured_rate() {
     }
     drop(vm);
     w.node.destroy("inet").await.unwrap();
+}
+
+/// Fetches `/hello` from every target at once (each given up after a few seconds) and
+/// returns which answered, in the order given.
+async fn reachable(vm: &TestVm, targets: &[Ipv4Addr]) -> Vec<bool> {
+    let list: Vec<String> = targets.iter().map(ToString::to_string).collect();
+    let script = format!(
+        "for t in {}; do (if timeout 5 wget -q -O - http://$t:{HTTP_PORT}/hello >/dev/null 2>&1; \
+         then echo \"ok $t\"; else echo \"no $t\"; fi) & done; wait",
+        list.join(" ")
+    );
+    let (code, out) = sh(vm, &script).await;
+    assert_eq!(code, 0, "{out}");
+    list.iter()
+        .map(|t| {
+            if out.lines().any(|l| l.trim() == format!("ok {t}")) {
+                true
+            } else {
+                assert!(
+                    out.lines().any(|l| l.trim() == format!("no {t}")),
+                    "no result for {t}: {out}"
+                );
+                false
+            }
+        })
+        .collect()
+}
+
+/// Probes from `vm` (named `from`) and checks each target against what is expected.
+async fn expect_reach(vm: &TestVm, from: &str, expected: &[(&str, Ipv4Addr, bool)]) {
+    let targets: Vec<Ipv4Addr> = expected.iter().map(|(_, addr, _)| *addr).collect();
+    let got = reachable(vm, &targets).await;
+    let wrong: Vec<String> = expected
+        .iter()
+        .zip(&got)
+        .filter(|((_, _, want), got)| want != *got)
+        .map(|((name, addr, want), _)| {
+            let verb = if *want { "did not reach" } else { "reached" };
+            format!("{from} {verb} {name} ({addr})")
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:?}");
+}
+
+/// Tenant scopes: internal sandboxes of scope "a" reach each other and an internet
+/// sandbox of scope "a"; one of scope "b" and an unscoped one reach none of them and
+/// are reached by none of them. Every guest's own network works (it reaches the service
+/// or the internet) and every server answers someone, so each refusal is the policy.
+#[tokio::test]
+async fn tenant_scopes_separate_sandboxes() {
+    let w = World::new().await;
+    let _internet = HttpServer::start(&w.internet, INTERNET_SERVER, HTTP_PORT, "the internet");
+    let _service = HttpServer::start(&w.internet, SERVICE, HTTP_PORT, "a service");
+    let shapes = [
+        ("sc-a1", NetworkMode::Internal, Some("a")),
+        ("sc-a2", NetworkMode::Internal, Some("a")),
+        ("sc-ia", NetworkMode::Internet, Some("a")),
+        ("sc-b", NetworkMode::Internal, Some("b")),
+        ("sc-u", NetworkMode::Internal, None),
+    ];
+    let mut nets = Vec::new();
+    for (id, mode, scope) in shapes {
+        let net = w.node.create(id, mode, None, scope).await.unwrap();
+        assert_eq!(net.tenant_scope.as_deref(), scope);
+        nets.push(net);
+    }
+    let mut vms = Vec::new();
+    for net in &nets {
+        let vm = boot(&net.id, net).await;
+        serve_hello(&vm, &net.id).await;
+        vms.push(vm);
+    }
+    let [a1, a2, ia, b, u] = &vms[..] else {
+        unreachable!()
+    };
+    let addr: Vec<Ipv4Addr> = nets.iter().map(routable).collect();
+    let (a1_addr, a2_addr, ia_addr, b_addr, u_addr) = (addr[0], addr[1], addr[2], addr[3], addr[4]);
+
+    // Positive controls for the internal guests' servers: the node reaches them all.
+    for (net, target) in nets.iter().zip(&addr) {
+        if net.mode == NetworkMode::Internal {
+            let reply = fetch_from_ns(&w.host, *target, HTTP_PORT).unwrap();
+            assert!(reply.contains(&format!("hello from {}", net.id)), "{reply}");
+        }
+    }
+
+    // Scope "a", internal and internet alike: each other, not "b", not unscoped.
+    expect_reach(
+        a1,
+        "a1",
+        &[
+            ("a2", a2_addr, true),
+            ("ia", ia_addr, true),
+            ("b", b_addr, false),
+            ("u", u_addr, false),
+        ],
+    )
+    .await;
+    expect_reach(
+        a2,
+        "a2",
+        &[
+            ("a1", a1_addr, true),
+            ("ia", ia_addr, true),
+            ("b", b_addr, false),
+            ("u", u_addr, false),
+        ],
+    )
+    .await;
+    expect_reach(
+        ia,
+        "ia",
+        &[
+            ("a1", a1_addr, true),
+            ("the internet", INTERNET_SERVER, true),
+            ("b", b_addr, false),
+            ("u", u_addr, false),
+        ],
+    )
+    .await;
+    // Scope "b" and no scope: their network works, but no scope "a" sandbox and not
+    // each other.
+    expect_reach(
+        b,
+        "b",
+        &[
+            ("a service", SERVICE, true),
+            ("a1", a1_addr, false),
+            ("a2", a2_addr, false),
+            ("ia", ia_addr, false),
+            ("u", u_addr, false),
+        ],
+    )
+    .await;
+    expect_reach(
+        u,
+        "u",
+        &[
+            ("a service", SERVICE, true),
+            ("a1", a1_addr, false),
+            ("a2", a2_addr, false),
+            ("ia", ia_addr, false),
+            ("b", b_addr, false),
+        ],
+    )
+    .await;
+    // Not only TCP: the same holds for ICMP.
+    let (code, out) = sh(a2, &format!("ping -c 1 -W 5 {a1_addr} 2>&1")).await;
+    assert_eq!(code, 0, "a2 pings a1: {out}");
+    let (code, out) = sh(b, &format!("ping -c 1 -W 2 {a1_addr} 2>&1")).await;
+    assert_ne!(code, 0, "b pinged a1: {out}");
+
+    drop(vms);
+    for (id, _, _) in shapes {
+        w.node.destroy(id).await.unwrap();
+    }
 }

@@ -336,7 +336,13 @@ impl Node {
         // Pooled VMs have the node's default limits; an explicit one needs its own boot.
         let poolable = spec.network.egress_rate_bps().is_none();
         let pooled = if poolable {
-            inner.take_pooled(&template, vcpus, memory_mb, mode)?
+            inner.take_pooled(
+                &template,
+                vcpus,
+                memory_mb,
+                mode,
+                spec.network.tenant_scope(),
+            )?
         } else {
             None
         };
@@ -364,6 +370,7 @@ impl Node {
                                 memory_mb,
                                 mode,
                                 rate_limit,
+                                tenant_scope: spec.network.tenant_scope().map(str::to_owned),
                             },
                         )
                         .await
@@ -670,14 +677,15 @@ impl Inner {
         }
     }
 
-    /// A ready pooled VM of this template, digest and size, if any. Its capacity moves
-    /// from the pool to the sandbox count.
+    /// A ready pooled VM of this template, digest, size, network mode and tenant scope,
+    /// if any. Its capacity moves from the pool to the sandbox count.
     fn take_pooled(
         &self,
         template: &ResolvedTemplate,
         vcpus: u32,
         memory_mb: u32,
         mode: NetworkMode,
+        tenant_scope: Option<&str>,
     ) -> Result<Option<BootedVm>, NodeError> {
         let mut pools = lock(&self.pools);
         let Some(pool) = pools.get_mut(&template.name) else {
@@ -690,6 +698,9 @@ impl Inner {
             p.booted.record.vcpus == vcpus
                 && p.booted.record.memory_mb == memory_mb
                 && p.booted.record.network_mode == mode.as_str()
+                // Pooled VMs are booted without a scope: a scoped sandbox boots its own.
+                && p.booted.network.as_ref().and_then(|n| n.tenant_scope.as_deref())
+                    == tenant_scope
         }) else {
             return Ok(None);
         };

@@ -134,6 +134,7 @@ async fn boot_one(
                     memory_mb: target.memory_mb,
                     mode: target.network_mode,
                     rate_limit: rate,
+                    tenant_scope: None,
                 },
             )
             .await

@@ -42,12 +42,14 @@ impl std::fmt::Debug for BootedVm {
 }
 
 /// The size and network of a VM to boot.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct VmShape {
     pub vcpus: u32,
     pub memory_mb: u32,
     pub mode: NetworkMode,
     pub rate_limit: Option<RateLimit>,
+    /// Sandboxes of the same tenant scope reach each other; pooled VMs have none.
+    pub tenant_scope: Option<String>,
 }
 
 /// What booting needs from the node.
@@ -91,6 +93,7 @@ impl Booter {
             memory_mb,
             mode,
             rate_limit,
+            tenant_scope,
         } = shape;
         if self.network.is_none() && mode != NetworkMode::Isolated {
             return Err(NodeError::FailedPrecondition(format!(
@@ -123,7 +126,14 @@ impl Booter {
         let mut vm: Option<Box<dyn Vm>> = None;
         let mut network = None;
         let result = self
-            .boot_inner(&mut record, &cached, &mut vm, &mut network, rate_limit)
+            .boot_inner(
+                &mut record,
+                &cached,
+                &mut vm,
+                &mut network,
+                rate_limit,
+                tenant_scope.as_deref(),
+            )
             .await;
         match result {
             Ok((agent, disk, boot_time)) => match vm {
@@ -156,6 +166,7 @@ impl Booter {
         vm_slot: &mut Option<Box<dyn Vm>>,
         network_slot: &mut Option<nanobox_net::SandboxNetwork>,
         rate_limit: Option<RateLimit>,
+        tenant_scope: Option<&str>,
     ) -> Result<(AgentClient, CowClone, Duration), NodeError> {
         let disks = self.config.state_dir.join("disks");
         std::fs::create_dir_all(&disks)
@@ -204,7 +215,7 @@ impl Booter {
             record.netns = Some(record.vm_id.clone());
             self.records.put(record)?;
             let sandbox_net = net
-                .create(&record.vm_id, mode, rate_limit)
+                .create(&record.vm_id, mode, rate_limit, tenant_scope)
                 .await
                 .map_err(|e| NodeError::Unavailable {
                     context: "setting up the sandbox network",
