@@ -7,6 +7,7 @@
 //! left is destroyed and its sandbox reported lost.
 
 mod grpc;
+mod registration;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -207,14 +208,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let local = listener.local_addr().context("reading the bound address")?;
     tracing::info!(address = %local, node = %config.agent.node_id, "node-agent serving");
     println!("listening on {local}");
+    let token = config
+        .auth
+        .load_service_token()
+        .context("reading the [auth] service token")?;
+    let token = token.as_ref().map(|t| t.expose());
+    if let Some(scheduler) = &config.agent.scheduler_addr {
+        let advertise = config
+            .agent
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| local.to_string());
+        registration::spawn(node.clone(), scheduler, advertise, token)
+            .map_err(anyhow::Error::msg)?;
+    }
 
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(nanobox_proto::reflection_service().context("building reflection")?)
         .add_service(nanobox_proto::reflection_service_v1alpha().context("building reflection")?)
-        .add_service(NodeAgentServer::new(grpc::NodeAgentService::new(
-            node.clone(),
-        )))
+        .add_service(NodeAgentServer::with_interceptor(
+            grpc::NodeAgentService::new(node.clone()),
+            nanobox_scheduler::auth::ServerAuth::new(token),
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown(),
