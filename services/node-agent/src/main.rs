@@ -16,13 +16,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use nanobox_config::{Config, CowMode};
+use nanobox_config::{Config, CowMode, Vmm};
 use nanobox_node::{Capacity, Node, NodeConfig, PoolConfig, PoolTarget};
 use nanobox_node_storage::{CowMethod, CowPreference};
 use nanobox_proto::node::v1::node_agent_server::NodeAgentServer;
 use nanobox_store::metadata::PoolOptions;
 use nanobox_store::MetadataStore;
+use nanobox_vmm::firecracker::{FirecrackerBackend, FirecrackerConfig, JailerConfig};
 use nanobox_vmm::qemu::{QemuBackend, QemuConfig};
+use nanobox_vmm::VmBackend;
 
 #[derive(Debug, Parser)]
 #[command(name = "node-agent", version, about = "NanoBox node agent")]
@@ -158,6 +160,66 @@ fn node_config(config: &Config) -> anyhow::Result<NodeConfig> {
     Ok(node)
 }
 
+/// The VM backend `[agent].vmm` asks for: Firecracker where it can run (KVM and the
+/// binary present; `auto` checks with a probe boot and falls back to QEMU, saying why),
+/// else QEMU. Firecracker opens only raw disks and enforces rate limits itself, so the
+/// node's clone and rate-limit settings follow the choice.
+async fn choose_backend(
+    config: &Config,
+    mut node: NodeConfig,
+) -> anyhow::Result<(Arc<dyn VmBackend>, NodeConfig)> {
+    let fc = &config.firecracker;
+    let firecracker = FirecrackerBackend::new(FirecrackerConfig {
+        binary: config.agent.firecracker_bin.clone(),
+        jailer: fc.jailer_bin.as_ref().map(|binary| JailerConfig {
+            binary: binary.clone(),
+            chroot_base: fc.chroot_base_dir.clone(),
+            ..JailerConfig::new(fc.uid.unwrap_or(65534), fc.gid.unwrap_or(65534))
+        }),
+        boot_args: match &fc.boot_args {
+            Some(args) => args.split_whitespace().map(str::to_owned).collect(),
+            None => FirecrackerConfig::default().boot_args,
+        },
+        ..FirecrackerConfig::default()
+    });
+    let use_firecracker = match config.agent.vmm {
+        Vmm::Qemu => false,
+        Vmm::Firecracker => {
+            firecracker
+                .availability(Some(&node.kernel))
+                .await
+                .map_err(|why| anyhow::anyhow!("[agent].vmm = \"firecracker\": {why}"))?;
+            true
+        }
+        Vmm::Auto => match firecracker.availability(Some(&node.kernel)).await {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::info!(reason = %why, "Firecracker is not usable here; using QEMU");
+                false
+            }
+        },
+    };
+    if use_firecracker {
+        if let CowPreference::Auto { .. } = node.cow {
+            node.cow = CowPreference::Auto { qcow2: false };
+        }
+        if let Some(net) = &mut node.network {
+            net.rate_limiter = nanobox_net::RateLimiter::Vmm;
+        }
+        tracing::info!("VM backend: Firecracker");
+        return Ok((Arc::new(firecracker), node));
+    }
+    let qemu = QemuConfig {
+        binary: config.qemu.binary.clone(),
+        seccomp: config.qemu.seccomp_sandbox,
+        run_as: config.agent.run_as_user.clone(),
+        accel_cache: Some(nanobox_core::cache_dir().join("accel-probe")),
+        ..QemuConfig::default()
+    };
+    tracing::info!("VM backend: QEMU");
+    Ok((Arc::new(QemuBackend::new(qemu)), node))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Config::load(args.config.as_deref()).context("reading the configuration")?;
@@ -184,14 +246,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("opening the metadata database")?;
     let objects = nanobox_store::open_object_store(&config.object_store.location)
         .context("opening the object store")?;
-    let qemu = QemuConfig {
-        binary: config.qemu.binary.clone(),
-        seccomp: config.qemu.seccomp_sandbox,
-        run_as: config.agent.run_as_user.clone(),
-        accel_cache: Some(nanobox_core::cache_dir().join("accel-probe")),
-        ..QemuConfig::default()
-    };
-    let backend = Arc::new(QemuBackend::new(qemu));
+    let (backend, node_config) = choose_backend(&config, node_config).await?;
 
     let node = Node::start(node_config, backend, meta, objects)
         .await
