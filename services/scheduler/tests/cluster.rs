@@ -1,0 +1,330 @@
+//! The scheduler end to end: Postgres, two real node agents (each in its own network
+//! namespace, one with a warm pool), the scheduler, real guests under QEMU. Creates are
+//! placed (the pool first), exec/get/list/keepalive/delete go through the scheduler, bad
+//! input gets the right codes, internal calls need the service token, and a node killed
+//! with -9 gets no new sandboxes while its sandboxes become LOST.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::{small, Cluster, TEMPLATE, TOKEN};
+use nanobox_core::{ImageConfig, TemplateName, TemplateState};
+use nanobox_proto::node::v1 as node;
+use nanobox_proto::v1::{self, NodeState, SandboxState};
+use nanobox_store::metadata::TemplateRecord;
+use tonic::Code;
+
+fn pool_config() -> String {
+    format!(
+        r#"
+[pool]
+replenish_interval_sec = 1
+
+[[pool.templates]]
+name = "{TEMPLATE}"
+min_ready = 1
+max_ready = 1
+vcpus = 1
+memory_mb = 128
+"#
+    )
+}
+
+fn expires(s: &v1::Sandbox) -> SystemTime {
+    SystemTime::try_from(s.expires_at.unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_place_route_and_lose_a_node() {
+    let mut cluster = Cluster::start().await;
+    cluster.start_agent("node-a", &pool_config());
+    cluster.start_agent("node-b", "");
+    let nodes = cluster
+        .wait_nodes(
+            "both nodes registered, node-a with a ready pool VM",
+            Duration::from_secs(240),
+            |nodes| {
+                nodes.len() == 2
+                    && nodes.iter().all(|n| n.state() == NodeState::Ready)
+                    && nodes[0].ready_pool.get(TEMPLATE) == Some(&1)
+            },
+        )
+        .await;
+    assert_eq!(nodes[0].id, "node-a");
+    assert_eq!(nodes[1].id, "node-b");
+    assert_eq!(nodes[1].capacity.unwrap().vcpu, 4);
+    assert!(
+        nodes[0].cached_templates.iter().any(|t| t == TEMPLATE),
+        "{nodes:?}"
+    );
+
+    let mut api = cluster.sandboxes().await;
+
+    // Bad input, each with its code and a message naming the problem.
+    let err = api.create(small("nope")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("template nope not found"), "{err:?}");
+    cluster
+        .meta()
+        .await
+        .upsert_template(&TemplateRecord {
+            name: TemplateName::new("building").unwrap(),
+            image_ref: "test/x:1".into(),
+            manifest_digest: None,
+            rootfs_key: None,
+            size_bytes: None,
+            image_config: ImageConfig::default(),
+            state: TemplateState::Building,
+        })
+        .await
+        .unwrap();
+    let err = api.create(small("building")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not ready (BUILDING)"), "{err:?}");
+    let mut too_many = small(TEMPLATE);
+    too_many.resources.as_mut().unwrap().vcpu = 33;
+    let err = api.create(too_many).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("resources.vcpu"), "{err:?}");
+    let mut too_big = small(TEMPLATE);
+    too_big.resources.as_mut().unwrap().memory_mb = 4096;
+    let err = api.create(too_big).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("node-a: ") && err.message().contains("MiB memory free"),
+        "{err:?}"
+    );
+    let err = api
+        .get(v1::GetSandboxRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let unknown = nanobox_core::SandboxId::new().to_string();
+    let err = api
+        .get(v1::GetSandboxRequest {
+            id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains(&unknown), "{err:?}");
+    let err = api
+        .pause(v1::PauseSandboxRequest { id: unknown })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+
+    // Internal calls need the service token.
+    let mut registry = node::node_registry_client::NodeRegistryClient::connect(format!(
+        "http://{}",
+        cluster.scheduler_addr()
+    ))
+    .await
+    .unwrap();
+    let err = registry
+        .heartbeat(node::HeartbeatRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut wrong = tonic::Request::new(node::HeartbeatRequest::default());
+    wrong.metadata_mut().insert(
+        "authorization",
+        "Bearer not-the-token-at-all".parse().unwrap(),
+    );
+    assert_eq!(
+        registry.heartbeat(wrong).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let agent_b = cluster.agent("node-b").process.addr.clone();
+    let mut node_b = node::node_agent_client::NodeAgentClient::connect(format!("http://{agent_b}"))
+        .await
+        .unwrap();
+    let err = node_b
+        .list_sandboxes(node::ListSandboxesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut right = tonic::Request::new(node::ListSandboxesRequest {});
+    right
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    assert!(node_b.list_sandboxes(right).await.is_ok());
+
+    // Placement prefers the node with a ready pool VM.
+    let mut request = small(TEMPLATE);
+    request.env = [("GREETING".to_owned(), "hello".to_owned())].into();
+    request.metadata = [("owner".to_owned(), "test".to_owned())].into();
+    let sb1 = api
+        .create(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(sb1.state(), SandboxState::Running, "{sb1:?}");
+    assert_eq!(sb1.node_id, "node-a");
+    assert_eq!(sb1.template, TEMPLATE);
+    assert!(sb1.template_digest.starts_with("sha256:"));
+    assert!(sb1.boot_time_ms > 0);
+
+    // Exec through the scheduler.
+    let (out, err, code) = cluster.sh(&sb1.id, "echo hi").await.unwrap();
+    assert_eq!((out.as_str(), code), ("hi\n", 0), "{err}");
+    let (out, _, _) = cluster
+        .sh(&sb1.id, "hostname; echo $GREETING")
+        .await
+        .unwrap();
+    assert_eq!(out, format!("{}\nhello\n", sb1.id));
+
+    // Get, list (with filters), keepalive.
+    let got = api
+        .get(v1::GetSandboxRequest { id: sb1.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(
+        (got.state(), got.node_id.as_str()),
+        (SandboxState::Running, "node-a")
+    );
+    assert_eq!(got.metadata["owner"], "test");
+    let list = |r: v1::ListSandboxesRequest| {
+        let mut api = api.clone();
+        async move { api.list(r).await.unwrap().into_inner().sandboxes }
+    };
+    assert_eq!(list(Default::default()).await.len(), 1);
+    assert!(list(v1::ListSandboxesRequest {
+        node_id: "node-b".into(),
+        ..Default::default()
+    })
+    .await
+    .is_empty());
+    assert_eq!(
+        list(v1::ListSandboxesRequest {
+            metadata: [("owner".to_owned(), "test".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .len(),
+        1
+    );
+    let kept = api
+        .keepalive(v1::KeepaliveSandboxRequest {
+            id: sb1.id.clone(),
+            timeout_sec: 3600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let kept = SystemTime::try_from(kept.expires_at.unwrap()).unwrap();
+    assert!(kept > expires(&sb1) + Duration::from_secs(3000), "{kept:?}");
+
+    // Idempotent create, then delete it (twice: NOT_FOUND) and exec on it.
+    let mut keyed = small(TEMPLATE);
+    keyed.request_id = "request-1".into();
+    let sb2 = api
+        .create(keyed.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    let again = api
+        .create(keyed)
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(again.id, sb2.id);
+    let deleted = api
+        .delete(v1::DeleteSandboxRequest {
+            id: sb2.id.clone(),
+            delete_snapshot: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(deleted.state(), SandboxState::Stopped, "{deleted:?}");
+    let err = api
+        .delete(v1::DeleteSandboxRequest {
+            id: sb2.id.clone(),
+            delete_snapshot: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = cluster.sh(&sb2.id, "true").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("STOPPED"), "{err:?}");
+
+    let stats = cluster
+        .cluster()
+        .await
+        .get_stats(v1::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert_eq!(
+        stats.sandboxes_by_state.get("RUNNING"),
+        Some(&1),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.sandboxes_by_state.get("STOPPED"),
+        Some(&1),
+        "{stats:?}"
+    );
+    assert_eq!((stats.nodes_total, stats.nodes_ready), (2, 2));
+    assert_eq!((stats.templates_total, stats.templates_ready), (2, 1));
+
+    // node-a dies without a word: it becomes LOST, so does its sandbox, and new
+    // sandboxes go to node-b.
+    cluster.agent("node-a").process.kill9();
+    cluster
+        .wait_nodes("node-a lost", Duration::from_secs(30), |nodes| {
+            nodes[0].state() == NodeState::Lost
+        })
+        .await;
+    let lost = api
+        .get(v1::GetSandboxRequest { id: sb1.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(lost.state(), SandboxState::Lost, "{lost:?}");
+    assert!(lost.message.contains("heartbeat"), "{lost:?}");
+    let err = cluster.sh(&sb1.id, "true").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let sb3 = api
+        .create(small(TEMPLATE))
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(sb3.node_id, "node-b", "{sb3:?}");
+    let (out, _, code) = cluster.sh(&sb3.id, "echo hi").await.unwrap();
+    assert_eq!((out.as_str(), code), ("hi\n", 0));
+    // Deleting the lost sandbox settles it.
+    let deleted = api
+        .delete(v1::DeleteSandboxRequest {
+            id: sb1.id.clone(),
+            delete_snapshot: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(deleted.state(), SandboxState::Stopped, "{deleted:?}");
+}
