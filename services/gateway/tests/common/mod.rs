@@ -1,0 +1,371 @@
+//! The gateway as a real process in front of real upstreams: a private Postgres, a local
+//! registry, the real template-builder binary, and an HTTP client.
+//!
+//! The template-builder binary is another package's, so cargo does not build it for these
+//! tests: `cargo xtask test` (nextest over the workspace) builds every binary; by hand, run
+//! `cargo build -p nanobox-template-builder` first (or point `NANOBOX_TEMPLATE_BUILDER` at
+//! one). `NANOBOX_INIT` names the guest init the builder injects (set by `cargo xtask
+//! test`).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nanobox_testkit::postgres::Postgres;
+use nanobox_testkit::registry::Registry;
+use serde_json::Value;
+
+/// The API key the test gateways accept.
+pub const KEY: &str = "test-key-0123456789abcdef";
+
+/// How long a warmup of the small busybox image may take (a hang guard).
+pub const WARMUP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long a process may take to print its address.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The guest init to inject.
+pub fn init() -> PathBuf {
+    let path = std::env::var_os("NANOBOX_INIT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("NANOBOX_INIT is not set: run the tests with `cargo xtask test`")
+        });
+    assert!(
+        path.is_file(),
+        "NANOBOX_INIT={} does not exist",
+        path.display()
+    );
+    path
+}
+
+/// The template-builder binary: `$NANOBOX_TEMPLATE_BUILDER`, else the one in this target
+/// directory.
+pub fn template_builder_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("NANOBOX_TEMPLATE_BUILDER") {
+        return PathBuf::from(path);
+    }
+    // The test runs from target/<profile>/deps/; the binaries are in target/<profile>/.
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("template-builder"))
+        .unwrap();
+    assert!(
+        path.is_file(),
+        "{} does not exist: run `cargo build -p nanobox-template-builder` first \
+         (cargo xtask test builds it)",
+        path.display()
+    );
+    path
+}
+
+pub fn sh(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A small two-layer busybox image as an OCI layout (tag `v1`), as the template-builder's
+/// tests make it; `marker` goes into a file so different markers make different images.
+pub fn busybox_layout(work: &Path, marker: &str) -> PathBuf {
+    let layout = work.join(format!("layout-{marker}"));
+    let image = format!("{}:v1", layout.display());
+    sh(Command::new("umoci")
+        .args(["init", "--layout"])
+        .arg(&layout));
+    sh(Command::new("umoci").args(["new", "--image", &image]));
+    for (i, step) in ["busybox", "marker"].iter().enumerate() {
+        let bundle = work.join(format!("bundle-{marker}-{i}"));
+        sh(Command::new("umoci")
+            .args(["unpack", "--image", &image])
+            .arg(&bundle));
+        let root = bundle.join("rootfs");
+        if *step == "busybox" {
+            std::fs::create_dir_all(root.join("bin")).unwrap();
+            std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+            std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+        } else {
+            std::fs::create_dir_all(root.join("etc")).unwrap();
+            std::fs::write(root.join("etc/marker"), marker).unwrap();
+        }
+        sh(Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle));
+        std::fs::remove_dir_all(&bundle).unwrap();
+    }
+    sh(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        &format!("MARKER={marker}"),
+        "--config.workingdir",
+        "/etc",
+    ]));
+    layout
+}
+
+/// A child process killed on drop.
+pub struct Process {
+    child: Child,
+    /// The address it printed (`listening on <addr>`).
+    pub addr: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    /// Spawns `cmd` (stdout piped) and waits for its `listening on <addr>` line.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        // Read the line on a thread so a process that never prints cannot hang the test.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the child never blocks on a full pipe.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let line = rx
+            .recv_timeout(START_TIMEOUT)
+            .unwrap_or_else(|_| panic!("{name} did not start within {START_TIMEOUT:?}"));
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("{name} did not start: {line:?}"))
+            .to_owned();
+        Self { child, addr }
+    }
+
+    /// Kills it (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a template-builder against `db` with a local object store under `dir`.
+pub fn start_builder(
+    pg: &Postgres,
+    db: &tokio_postgres::Config,
+    registry: &Registry,
+    dir: &Path,
+) -> Process {
+    let database = format!(
+        "host={} user=postgres dbname={}",
+        pg.socket_dir().display(),
+        db.get_dbname().unwrap()
+    );
+    Process::spawn(
+        "template-builder",
+        Command::new(template_builder_bin())
+            .args(["--listen", "127.0.0.1:0", "--database-url", &database])
+            .arg("--object-store")
+            .arg(format!("file://{}", dir.join("objects").display()))
+            .arg("--work-dir")
+            .arg(dir.join("work"))
+            .arg("--init")
+            .arg(init())
+            .arg("--plain-http-registry")
+            .arg(&registry.host)
+            .env("RUST_LOG", "info"),
+    )
+}
+
+/// Gateway settings for a test.
+pub struct GatewayConfig {
+    /// `[api] api_keys`.
+    pub keys: Vec<String>,
+    /// `[builder] advertise_addr`.
+    pub builder: String,
+    /// `[agent] scheduler_addr`.
+    pub scheduler: String,
+    /// `[api] max_body_bytes`.
+    pub max_body_bytes: u64,
+    /// `[api] request_timeout_sec`.
+    pub request_timeout_sec: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            keys: vec![KEY.to_owned()],
+            // Port 1 on loopback: nothing listens, connections are refused.
+            builder: "127.0.0.1:1".to_owned(),
+            scheduler: "127.0.0.1:1".to_owned(),
+            max_body_bytes: 64 << 10,
+            request_timeout_sec: 30,
+        }
+    }
+}
+
+/// Starts the gateway binary with a `nanobox.toml` written into `dir`.
+pub fn start_gateway(dir: &Path, config: &GatewayConfig) -> Process {
+    let keys: Vec<String> = config.keys.iter().map(|k| format!("{k:?}")).collect();
+    let toml = format!(
+        "[api]\nlisten_addr = \"127.0.0.1:0\"\napi_keys = [{}]\nmax_body_bytes = {}\nrequest_timeout_sec = {}\n\n\
+         [builder]\nadvertise_addr = \"{}\"\n\n[agent]\nscheduler_addr = \"{}\"\n",
+        keys.join(", "),
+        config.max_body_bytes,
+        config.request_timeout_sec,
+        config.builder,
+        config.scheduler,
+    );
+    let file = dir.join("nanobox.toml");
+    std::fs::write(&file, toml).unwrap();
+    Process::spawn(
+        "gateway",
+        Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "info")
+            // Only this file configures the gateway under test.
+            .env_remove("NANOBOX_CONFIG"),
+    )
+}
+
+/// An HTTP answer: status, content type and the body as JSON (`Value::Null` if it is
+/// not JSON; the raw text is kept).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub content_type: String,
+    pub json: Value,
+    pub text: String,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+/// A REST client for one gateway.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: Option<String>,
+}
+
+impl Client {
+    pub fn new(gateway: &Process, key: Option<&str>) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            base: format!("http://{}", gateway.addr),
+            key: key.map(str::to_owned),
+        }
+    }
+
+    /// Sends a request; `body` is sent as is (so malformed JSON can be sent).
+    pub async fn send(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
+        self.send_with(method, path, body, &[]).await
+    }
+
+    pub async fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let method: reqwest::Method = method.parse().unwrap();
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_owned());
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let text = response.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Answer {
+            status,
+            content_type,
+            json,
+            text,
+            headers,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> Answer {
+        self.send("POST", path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Answer {
+        self.send("DELETE", path, None).await
+    }
+
+    /// Polls `GET /api/v1/templates/{name}/status` until the task is READY or FAILED;
+    /// returns the last task and every state seen.
+    pub async fn wait_template(&self, name: &str) -> (Value, Vec<String>) {
+        let deadline = Instant::now() + WARMUP_TIMEOUT;
+        let mut seen: Vec<String> = Vec::new();
+        loop {
+            let answer = self.get(&format!("/api/v1/templates/{name}/status")).await;
+            assert_eq!(answer.status, 200, "{answer:?}");
+            let state = answer.json["state"].as_str().unwrap_or_default().to_owned();
+            if seen.last() != Some(&state) {
+                seen.push(state.clone());
+            }
+            if state == "TEMPLATE_STATE_READY" || state == "TEMPLATE_STATE_FAILED" {
+                return (answer.json, seen);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "warmup of {name} hangs: {answer:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Asserts an error answer: HTTP status, JSON content type, `code`, and a message
+/// containing `needle`.
+pub fn assert_error(answer: &Answer, status: u16, code: &str, needle: &str) {
+    assert_eq!(answer.status, status, "{answer:?}");
+    assert!(
+        answer.content_type.starts_with("application/json"),
+        "{answer:?}"
+    );
+    assert_eq!(answer.json["code"], code, "{answer:?}");
+    let message = answer.json["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(needle),
+        "message {message:?} does not contain {needle:?}"
+    );
+}
