@@ -231,6 +231,11 @@ impl Node {
         &self.inner.config
     }
 
+    /// The VM backend in use (`qemu`, `firecracker`).
+    pub fn vmm(&self) -> &'static str {
+        self.inner.booter.backend.kind().as_str()
+    }
+
     /// Destroys every VM a previous run left (records and stray files alike).
     async fn recover(&self) -> Result<(), NodeError> {
         let booter = &self.inner.booter;

@@ -103,7 +103,7 @@ async fn register(
         .register(node::RegisterRequest {
             status: Some(status(node, address)),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            vmm: "qemu".to_owned(),
+            vmm: node.vmm().to_owned(),
             supports_snapshots: false,
             labels: Default::default(),
         })
