@@ -157,6 +157,21 @@ impl Process {
         Self { child, addr }
     }
 
+    /// Asks it to stop (SIGTERM) and waits up to `limit` for it, then kills it.
+    pub fn stop(&mut self, limit: Duration) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+    }
+
     /// Kills it (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
