@@ -232,6 +232,44 @@ async fn openapi_lists_the_seed_table() {
     }
 }
 
+/// A body sent without `Content-Length` (chunked) is cut off at `[api] max_body_bytes`
+/// too: 413 as soon as the limit is passed, before anything goes upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_body_over_the_limit_is_413() {
+    use std::io::{Read as _, Write as _};
+
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start_gateway(
+        dir.path(),
+        &GatewayConfig {
+            max_body_bytes: 1024,
+            ..GatewayConfig::default()
+        },
+    );
+    let mut conn = std::net::TcpStream::connect(&gateway.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let chunk = format!(r#"{{"name": "a", "image": "{}"}}"#, "x".repeat(600));
+    let mut request = format!(
+        "POST /api/v1/templates/warmup HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    // Two chunks: the second passes the limit.
+    for _ in 0..2 {
+        request.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+    }
+    request.push_str("0\r\n\r\n");
+    conn.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    let _ = conn.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(
+        response.contains(r#""code":"RESOURCE_EXHAUSTED""#)
+            && response.contains("larger than the limit of 1024 bytes"),
+        "{response}"
+    );
+}
+
 /// With no keys configured the API is open: a request without a key reaches the upstream
 /// (here: down, so 503 rather than 401).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
