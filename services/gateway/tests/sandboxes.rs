@@ -350,6 +350,18 @@ netns_prefix = "{prefix}s-"
     assert_eq!(big.json["stderr"], "done\n");
     assert_eq!(big.json["exit_code"], 0);
 
+    // The command's own timeout comes back as such (and bounds the gateway's wait);
+    // `?stream=false` is the aggregated form.
+    let slow = client
+        .post(
+            &format!("{exec}?stream=false"),
+            r#"{"command": "/bin/busybox", "args": ["sleep", "30"], "timeout_ms": 500}"#,
+        )
+        .await;
+    assert_eq!(slow.status, 200, "{slow:?}");
+    assert_eq!(slow.json["timed_out"], true, "{slow:?}");
+    assert_ne!(slow.json["exit_code"], 0, "{slow:?}");
+
     // Streamed: newline-delimited JSON events, by query and by Accept.
     for (path, headers) in [
         (format!("{exec}?stream=true"), vec![]),
