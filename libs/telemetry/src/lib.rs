@@ -179,6 +179,25 @@ fn tracer_provider(
         .build())
 }
 
+/// Resolves when the process is asked to stop (SIGTERM or SIGINT): the shutdown future
+/// every NanoBox service hands to its server, so all of them stop the same way and log it.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,7 +102,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // than DRAIN_TIMEOUT: a streamed exec could otherwise hold the exit for hours.
     let (stopping, mut stopped) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, gateway.router()).with_graceful_shutdown(async move {
-        shutdown().await;
+        nanobox_telemetry::shutdown_signal().await;
         let _ = stopping.send(true);
     });
     tokio::select! {
@@ -113,21 +113,4 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         } => tracing::warn!("calls still in flight after {} s; exiting", DRAIN_TIMEOUT.as_secs()),
     }
     Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "no SIGTERM handler");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("shutting down");
 }
