@@ -154,7 +154,11 @@ async fn main() {
     // The node's "host" namespace, private to the benchmark.
     let host_ns = format!("nbb{:08x}-host", rand::random::<u32>());
     sh(&["ip", "netns", "add", &host_ns]);
-    sh(&["ip", "-n", &host_ns, "link", "add", "wan0", "type", "dummy"]);
+    // The "host interface": one end of a veth pair that stays inside the namespace (no
+    // traffic leaves it; the benchmark's sandboxes are isolated).
+    sh(&[
+        "ip", "-n", &host_ns, "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
+    ]);
     sh(&["ip", "-n", &host_ns, "link", "set", "wan0", "up"]);
     let config = format!(
         r#"
