@@ -1,11 +1,18 @@
-//! The service token of internal calls (`[auth].service_token`): node agents present it on
-//! `NodeRegistry` calls, the scheduler on `NodeAgent` calls, as `authorization: Bearer
-//! <token>` metadata. Without a configured token both interceptors let everything through
-//! (a single machine on loopback).
+//! Bearer credentials on gRPC calls, as `authorization: Bearer <secret>` metadata:
 //!
-//! The check compares SHA-256 digests of the presented and the expected token with a
-//! constant-time equality, so neither the token's content nor its length leaks through
-//! timing.
+//! - the service token of internal calls (`[auth].service_token`): node agents present it
+//!   on `NodeRegistry` calls, the scheduler on `NodeAgent` calls ([`ServerAuth`],
+//!   [`ClientAuth`]). Without a configured token both interceptors let everything through
+//!   (a single machine on loopback).
+//! - the API keys of the public APIs (`[api].api_keys`): clients present one on
+//!   `nanobox.v1.Sandboxes`, `Cluster` and `Templates` calls ([`ApiKeys`]). The REST
+//!   gateway forwards the caller's `Authorization` header, so REST and gRPC accept the same
+//!   keys. Without configured keys the API is open.
+//!
+//! Both checks hash the presented secret and every accepted one with SHA-256 and compare
+//! the digests with a constant-time equality, against every accepted secret (no early exit
+//! on a match), so neither a secret's content, its length nor which key matched leaks
+//! through timing.
 
 use sha2::{Digest as _, Sha256};
 use tonic::metadata::MetadataValue;
@@ -25,16 +32,81 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// The secret of an `authorization` value `Bearer <secret>`: the scheme is matched without
+/// regard to case and surrounding blanks are dropped, as HTTP does (the REST gateway
+/// accepts the same forms and forwards the header unchanged, so both sides must agree).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii();
+    let (scheme, rest) = value.split_at_checked(SCHEME.len())?;
+    scheme
+        .eq_ignore_ascii_case(SCHEME.as_bytes())
+        .then(|| rest.trim_ascii())
+}
+
+/// Accepted bearer secrets (as digests; the secrets themselves are not kept), and what they
+/// are called in error messages.
+#[derive(Clone)]
+struct Bearers {
+    digests: Vec<[u8; 32]>,
+    what: &'static str,
+}
+
+impl Bearers {
+    fn new<K: AsRef<str>>(secrets: impl IntoIterator<Item = K>, what: &'static str) -> Self {
+        Self {
+            digests: secrets
+                .into_iter()
+                .map(|k| digest(k.as_ref().as_bytes()))
+                .collect(),
+            what,
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// `Ok` when no secret is configured or `request` carries one of them; otherwise
+    /// `UNAUTHENTICATED` saying what is wrong (missing, malformed, or not accepted).
+    fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.is_open() {
+            return Ok(());
+        }
+        let what = self.what;
+        let header = request.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "missing {what}: send `authorization: Bearer <{what}>` metadata"
+            ))
+        })?;
+        let presented = bearer(header.as_bytes()).ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "the authorization metadata is not `Bearer <{what}>`"
+            ))
+        })?;
+        let presented = digest(presented);
+        // Every accepted digest is compared, so the time does not depend on which matched.
+        let matched = self
+            .digests
+            .iter()
+            .fold(false, |acc, d| acc | constant_time_eq(&presented, d));
+        if matched {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(format!("wrong {what}")))
+        }
+    }
+}
+
 /// Checks the service token on incoming calls.
 #[derive(Clone)]
 pub struct ServerAuth {
-    expected: Option<[u8; 32]>,
+    bearers: Bearers,
 }
 
 impl std::fmt::Debug for ServerAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerAuth")
-            .field("enabled", &self.expected.is_some())
+            .field("enabled", &!self.bearers.is_open())
             .finish()
     }
 }
@@ -43,33 +115,66 @@ impl ServerAuth {
     /// Requires `token` when it is `Some`; accepts every call otherwise.
     pub fn new(token: Option<&str>) -> Self {
         Self {
-            expected: token.map(|t| digest(t.as_bytes())),
+            bearers: Bearers::new(token, "service token"),
         }
     }
 
     /// Whether `request` carries the token (always true when none is configured).
     pub fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let Some(expected) = &self.expected else {
-            return Ok(());
-        };
-        let header = request.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated("missing service token (authorization metadata)")
-        })?;
-        let presented = header
-            .as_bytes()
-            .strip_prefix(SCHEME.as_bytes())
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization metadata is not `Bearer <token>`")
-            })?;
-        if constant_time_eq(&digest(presented), expected) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("wrong service token"))
-        }
+        self.bearers.check(request)
     }
 }
 
 impl Interceptor for ServerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        self.check(&request)?;
+        Ok(request)
+    }
+}
+
+/// Checks the API keys of the public APIs on incoming calls: a server interceptor for
+/// `nanobox.v1` services (health and reflection are added without it and stay open).
+#[derive(Clone)]
+pub struct ApiKeys {
+    bearers: Bearers,
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} keys)", self.bearers.digests.len())
+    }
+}
+
+impl ApiKeys {
+    /// Accepts calls that carry any of `keys`; every call when there are none.
+    pub fn new<K: AsRef<str>>(keys: impl IntoIterator<Item = K>) -> Self {
+        Self {
+            bearers: Bearers::new(keys, "API key"),
+        }
+    }
+
+    /// Whether no key is configured, so every call is accepted.
+    pub fn is_open(&self) -> bool {
+        self.bearers.is_open()
+    }
+
+    /// How many keys are accepted.
+    pub fn len(&self) -> usize {
+        self.bearers.digests.len()
+    }
+
+    /// Whether no key is configured (the same as [`ApiKeys::is_open`]).
+    pub fn is_empty(&self) -> bool {
+        self.is_open()
+    }
+
+    /// Whether `request` carries an accepted key (always true when the API is open).
+    pub fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.bearers.check(request)
+    }
+}
+
+impl Interceptor for ApiKeys {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         self.check(&request)?;
         Ok(request)
@@ -170,5 +275,51 @@ mod tests {
         let request = sent(&mut ClientAuth::new(None).unwrap());
         assert!(request.metadata().get("authorization").is_none());
         assert!(ClientAuth::new(Some("bad\ntoken")).is_err());
+    }
+
+    fn with_authorization(value: &str) -> Request<()> {
+        let mut request = Request::new(());
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+        request
+    }
+
+    #[test]
+    fn api_keys_accept_any_configured_key_and_nothing_else() {
+        const A: &str = "first-api-key-0123456789";
+        const B: &str = "second-api-key-0123456789";
+        let mut keys = ApiKeys::new([A, B]);
+        assert_eq!(keys.len(), 2);
+        assert!(!keys.is_open());
+        for good in [
+            format!("Bearer {A}"),
+            format!("Bearer {B}"),
+            format!("bearer {B}"),
+            format!("  BEARER   {A} "),
+        ] {
+            assert!(keys.call(with_authorization(&good)).is_ok(), "{good}");
+        }
+        let err = keys.call(Request::new(())).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(err.message().contains("missing API key"), "{err:?}");
+        for (bad, why) in [
+            (format!("Bearer {A}x"), "wrong API key"),
+            ("Bearer ".to_owned(), "not `Bearer <API key>`"),
+            (format!("Basic {A}"), "not `Bearer <API key>`"),
+            (A.to_owned(), "not `Bearer <API key>`"),
+        ] {
+            let err = keys.call(with_authorization(&bad)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated);
+            assert!(err.message().contains(why), "{bad}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn without_api_keys_the_api_is_open() {
+        let mut keys = ApiKeys::new(Vec::<String>::new());
+        assert!(keys.is_open() && keys.is_empty());
+        assert!(keys.call(Request::new(())).is_ok());
+        assert!(keys.call(with_authorization("Bearer anything")).is_ok());
     }
 }

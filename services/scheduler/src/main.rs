@@ -1,6 +1,8 @@
 //! `scheduler`: the NanoBox control plane. Serves the public `nanobox.v1.Sandboxes` and
 //! `nanobox.v1.Cluster` APIs and the internal `nanobox.node.v1.NodeRegistry` (node agents
-//! register and heartbeat), plus gRPC health and reflection, on `[api].grpc_addr`.
+//! register and heartbeat), plus gRPC health and reflection, on `[api].grpc_addr`. The
+//! public APIs require a bearer API key from `[api].api_keys` (open when none is
+//! configured); `NodeRegistry` requires the service token.
 //!
 //! Sandboxes are recorded in Postgres with their desired and observed state; a reconcile
 //! loop marks silent nodes and their sandboxes LOST, deletes sandboxes past their deadline
@@ -21,7 +23,7 @@ use nanobox_config::Config;
 use nanobox_proto::node::v1::node_registry_server::NodeRegistryServer;
 use nanobox_proto::v1::cluster_server::ClusterServer;
 use nanobox_proto::v1::sandboxes_server::SandboxesServer;
-use nanobox_scheduler::auth::{ClientAuth, ServerAuth};
+use nanobox_scheduler::auth::{ApiKeys, ClientAuth, ServerAuth};
 use nanobox_store::metadata::PoolOptions;
 use nanobox_store::MetadataStore;
 
@@ -38,6 +40,32 @@ struct Args {
 /// A create waits this long for its node at least (a cold boot under TCG on a busy host
 /// takes tens of seconds).
 const MIN_CREATE_DEADLINE: Duration = Duration::from_secs(180);
+
+/// The services this process serves: what reflection lists.
+const SERVED: [&str; 6] = [
+    "nanobox.v1.Sandboxes",
+    "nanobox.v1.Cluster",
+    "nanobox.node.v1.NodeRegistry",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Reflection over the services in [`SERVED`] only. `nanobox_proto`'s descriptor set holds
+/// every NanoBox service (Templates, NodeAgent, ...), which this process does not serve, and
+/// not health's, so grpcurl could neither trust `list` nor call health by reflection.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    let builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nanobox_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        // Both versions are registered above, whichever one is being built.
+        .include_reflection_service(false);
+    SERVED
+        .into_iter()
+        .fold(builder, |b, name| b.with_service_name(name))
+}
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -68,6 +96,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let token = token.as_ref().map(|t| t.expose());
     let client_auth = ClientAuth::new(token).context("[auth] service token")?;
     let server_auth = ServerAuth::new(token);
+    let api_keys = ApiKeys::new(
+        config
+            .api
+            .load_api_keys()
+            .context("reading [api] API keys")?
+            .iter()
+            .map(|k| k.expose()),
+    );
+    if api_keys.is_open() {
+        tracing::warn!(
+            "no [api].api_keys configured: Sandboxes and Cluster are open to anyone who can reach {}",
+            config.api.grpc_addr
+        );
+    }
 
     let request_timeout = Duration::from_secs(config.api.request_timeout_sec.max(1));
     let settings = scheduler::Settings {
@@ -101,10 +143,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let api = grpc::Api::new(Arc::clone(&scheduler));
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(nanobox_proto::reflection_service().context("building reflection")?)
-        .add_service(nanobox_proto::reflection_service_v1alpha().context("building reflection")?)
-        .add_service(SandboxesServer::new(api.clone()))
-        .add_service(ClusterServer::new(api.clone()))
+        .add_service(reflection().build_v1().context("building reflection")?)
+        .add_service(
+            reflection()
+                .build_v1alpha()
+                .context("building reflection")?,
+        )
+        // The public APIs need an API key; health and reflection stay open for probes and
+        // tools, and NodeRegistry takes the service token instead.
+        .add_service(SandboxesServer::with_interceptor(
+            api.clone(),
+            api_keys.clone(),
+        ))
+        .add_service(ClusterServer::with_interceptor(api.clone(), api_keys))
         .add_service(NodeRegistryServer::with_interceptor(api, server_auth))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -38,18 +38,39 @@ async fn main() {
     for round in 0..rounds {
         let db = pg.create_database().await;
         let dir = tempfile::tempdir_in("target").expect("tempdir");
+        // The builder reads nanobox.toml like every service; no API key, so the client
+        // needs none (the builder warns that the API is open, which is fine on loopback).
+        let config = dir.path().join("nanobox.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[builder]\nlisten_addr = \"127.0.0.1:0\"\nwork_dir = {work:?}\n\n\
+                 [oci]\ninit_binary = {init:?}\nplain_http_registries = [{registry:?}]\n\n\
+                 [database]\nurl = {db:?}\n\n\
+                 [object_store]\nlocation = {objects:?}\n",
+                work = std::path::absolute(dir.path().join("work"))
+                    .unwrap()
+                    .display()
+                    .to_string(),
+                init = std::path::absolute(init).unwrap().display().to_string(),
+                registry = registry.host,
+                db = format!(
+                    "host={} user=postgres dbname={}",
+                    pg.socket_dir().display(),
+                    db.get_dbname().unwrap()
+                ),
+                objects = format!(
+                    "file://{}",
+                    std::path::absolute(dir.path().join("objects"))
+                        .unwrap()
+                        .display()
+                ),
+            ),
+        )
+        .expect("writing nanobox.toml");
         let mut child = Command::new(builder)
-            .args(["--listen", "127.0.0.1:0", "--database-url"])
-            .arg(format!(
-                "host={} user=postgres dbname={}",
-                pg.socket_dir().display(),
-                db.get_dbname().unwrap()
-            ))
-            .arg("--object-store")
-            .arg(format!("file://{}", dir.path().join("objects").display()))
-            .arg("--work-dir")
-            .arg(dir.path().join("work"))
-            .args(["--init", init, "--plain-http-registry", &registry.host])
+            .arg("--config")
+            .arg(&config)
             .stdout(Stdio::piped())
             .spawn()
             .expect("template-builder");

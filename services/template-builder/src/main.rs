@@ -4,6 +4,10 @@
 //! [`nanobox_warmup::Warmer`]: metadata in Postgres, root filesystems in the object store
 //! (a local directory or S3), layers cached in its work directory. On start it applies
 //! the schema migrations and resumes the warmups a previous run left unfinished.
+//!
+//! Configured by `nanobox.toml` (`--config`, with `NANOBOX__<SECTION>__<KEY>` overrides)
+//! like the other services. `Templates` calls need a bearer API key from `[api].api_keys`
+//! when any is configured, the same keys the scheduler and the REST gateway accept.
 
 mod grpc;
 
@@ -13,8 +17,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
+use nanobox_config::Config;
 use nanobox_oci::{ConvertOptions, DockerConfig, Ext4Options, RegistryOptions};
 use nanobox_proto::v1::templates_server::TemplatesServer;
+use nanobox_scheduler::auth::ApiKeys;
 use nanobox_store::metadata::PoolOptions;
 use nanobox_store::MetadataStore;
 use nanobox_warmup::{Warmer, WarmupConfig};
@@ -22,90 +28,198 @@ use nanobox_warmup::{Warmer, WarmupConfig};
 #[derive(Debug, Parser)]
 #[command(name = "template-builder", version, about = "NanoBox template builder")]
 struct Args {
-    /// Address to serve gRPC on.
-    #[arg(long, env = "NANOBOX_LISTEN", default_value = "127.0.0.1:50061")]
-    listen: SocketAddr,
-    /// The metadata database: a libpq connection string or URL
-    /// (`host=/run/postgresql dbname=nanobox`, `postgres://user@host/db`).
-    #[arg(long, env = "NANOBOX_DATABASE_URL")]
-    database_url: String,
-    /// The object store: `file:///var/lib/nanobox/objects` or
-    /// `s3://bucket?endpoint=http://host:port&region=us-east-1&path_style=true`.
-    #[arg(long, env = "NANOBOX_OBJECT_STORE")]
-    object_store: String,
-    /// Local working space: the layer cache and builds in progress.
-    #[arg(long, env = "NANOBOX_WORK_DIR")]
-    work_dir: PathBuf,
-    /// The guest init to inject into every root filesystem.
-    #[arg(long, env = "NANOBOX_INIT")]
-    init: PathBuf,
-    /// A registry (`host:port`) that may be reached over plain HTTP; loopback only.
-    /// Repeatable.
-    #[arg(
-        long = "plain-http-registry",
-        env = "NANOBOX_PLAIN_HTTP_REGISTRIES",
-        value_delimiter = ','
-    )]
+    /// The configuration file (`nanobox.toml`): `[builder]` (listen_addr, work_dir,
+    /// rootfs_headroom_mb), `[oci]` (init_binary, plain_http_registries, docker_config,
+    /// max_parallel), `[database]`, `[object_store]`, `[api]` (api_keys), `[telemetry]`.
+    /// Default: `$NANOBOX_CONFIG`, else `/etc/nanobox/nanobox.toml` if it exists, else the
+    /// built-in defaults. Every key can be overridden by `NANOBOX__<SECTION>__<KEY>`
+    /// variables.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    legacy: LegacyFlags,
+}
+
+/// The flags the builder took before it read `nanobox.toml`, kept (hidden) so harnesses
+/// that still pass them keep working; each overrides the configuration key named in its
+/// doc. Prefer the file or `NANOBOX__*` variables.
+#[derive(Debug, clap::Args)]
+struct LegacyFlags {
+    /// `[builder].listen_addr`.
+    #[arg(long, hide = true)]
+    listen: Option<SocketAddr>,
+    /// `[database].url`.
+    #[arg(long, hide = true)]
+    database_url: Option<String>,
+    /// `[object_store].location`.
+    #[arg(long, hide = true)]
+    object_store: Option<String>,
+    /// `[builder].work_dir`.
+    #[arg(long, hide = true)]
+    work_dir: Option<PathBuf>,
+    /// `[oci].init_binary`.
+    #[arg(long, hide = true)]
+    init: Option<PathBuf>,
+    /// `[oci].plain_http_registries` (repeatable; replaces the configured list).
+    #[arg(long = "plain-http-registry", hide = true, value_delimiter = ',')]
     plain_http: Vec<String>,
-    /// A Docker `config.json` with registry credentials.
-    #[arg(long, env = "NANOBOX_DOCKER_CONFIG")]
+    /// `[oci].docker_config`.
+    #[arg(long, hide = true)]
     docker_config: Option<PathBuf>,
-    /// Images converted at the same time.
-    #[arg(long, default_value_t = 2)]
-    max_parallel: usize,
-    /// Free space left in each root filesystem beyond its contents, in MiB.
-    #[arg(long, default_value_t = 256)]
-    headroom_mb: u64,
+    /// `[oci].max_parallel`.
+    #[arg(long, hide = true)]
+    max_parallel: Option<u32>,
+    /// `[builder].rootfs_headroom_mb`.
+    #[arg(long, hide = true)]
+    headroom_mb: Option<u64>,
+}
+
+impl LegacyFlags {
+    /// Applies the flags given over `config`; whether any was.
+    fn apply(self, config: &mut Config) -> bool {
+        let mut any = false;
+        if let Some(v) = self.listen {
+            config.builder.listen_addr = v;
+            any = true;
+        }
+        if let Some(v) = self.database_url {
+            config.database.url = nanobox_config::Secret::new(v);
+            any = true;
+        }
+        if let Some(v) = self.object_store {
+            config.object_store.location = v;
+            any = true;
+        }
+        if let Some(v) = self.work_dir {
+            config.builder.work_dir = v;
+            any = true;
+        }
+        if let Some(v) = self.init {
+            config.oci.init_binary = v;
+            any = true;
+        }
+        if !self.plain_http.is_empty() {
+            config.oci.plain_http_registries = self.plain_http;
+            any = true;
+        }
+        if let Some(v) = self.docker_config {
+            config.oci.docker_config = Some(v);
+            any = true;
+        }
+        if let Some(v) = self.max_parallel {
+            config.oci.max_parallel = v;
+            any = true;
+        }
+        if let Some(v) = self.headroom_mb {
+            config.builder.rootfs_headroom_mb = v;
+            any = true;
+        }
+        any
+    }
+}
+
+/// The services this process serves: what reflection lists.
+const SERVED: [&str; 4] = [
+    "nanobox.v1.Templates",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Reflection over the services in [`SERVED`] only. `nanobox_proto`'s descriptor set holds
+/// every NanoBox service (Sandboxes, NodeAgent, ...), which this process does not serve, so
+/// listing them all would send `grpcurl list` users to calls that answer UNIMPLEMENTED;
+/// health's descriptors are added so it can be described too.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    let builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nanobox_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        // Both versions are registered above, whichever one is being built.
+        .include_reflection_service(false);
+    SERVED
+        .into_iter()
+        .fold(builder, |b, name| b.with_service_name(name))
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut config = Config::load(args.config.as_deref()).context("reading the configuration")?;
+    let legacy = args.legacy.apply(&mut config);
+    if legacy {
+        // Flags bypass the file's validation, so check the merged result again.
+        config
+            .validate()
+            .context("checking the configuration with the command-line flags applied")?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(config, legacy))
 }
 
-async fn serve(args: Args) -> anyhow::Result<()> {
-    let _telemetry = nanobox_telemetry::init(
-        "nanobox-template-builder",
-        &nanobox_telemetry::TelemetryConfig::default(),
-    )
-    .context("setting up telemetry")?;
+async fn serve(config: Config, legacy_flags: bool) -> anyhow::Result<()> {
+    let _telemetry = nanobox_telemetry::init("nanobox-template-builder", &config.telemetry)
+        .context("setting up telemetry")?;
+    if legacy_flags {
+        tracing::warn!(
+            "configured by deprecated command-line flags: use --config nanobox.toml ([builder], [oci], [database], [object_store]) instead"
+        );
+    }
 
-    let db: tokio_postgres::Config = args
-        .database_url
+    let db: tokio_postgres::Config = config
+        .database
+        .url
+        .expose()
         .parse()
-        .context("--database-url is not a valid Postgres connection string")?;
+        .context("[database].url is not a valid Postgres connection string")?;
     let meta = MetadataStore::open(db, PoolOptions::default())
         .await
         .context("opening the metadata database")?;
-    let objects =
-        nanobox_store::open_object_store(&args.object_store).context("opening the object store")?;
+    let objects = nanobox_store::open_object_store(&config.object_store.location)
+        .context("opening the object store ([object_store].location)")?;
 
     let mut registry = RegistryOptions {
-        plain_http: args.plain_http.clone(),
+        plain_http: config.oci.plain_http_registries.clone(),
         ..RegistryOptions::default()
     };
-    if let Some(path) = &args.docker_config {
-        registry.docker_config =
-            Some(DockerConfig::load(path).with_context(|| format!("reading {}", path.display()))?);
+    if let Some(path) = &config.oci.docker_config {
+        registry.docker_config = Some(
+            DockerConfig::load(path)
+                .with_context(|| format!("reading [oci].docker_config {}", path.display()))?,
+        );
     }
-    let config = WarmupConfig {
-        work_dir: args.work_dir.clone(),
-        init: args.init.clone(),
+    let api_keys = ApiKeys::new(
+        config
+            .api
+            .load_api_keys()
+            .context("reading [api] API keys")?
+            .iter()
+            .map(|k| k.expose()),
+    );
+    let listen = config.builder.listen_addr;
+    if api_keys.is_open() {
+        tracing::warn!(
+            "no [api].api_keys configured: Templates is open to anyone who can reach {listen}"
+        );
+    }
+    let warmup = WarmupConfig {
+        work_dir: config.builder.work_dir.clone(),
+        init: config.oci.init_binary.clone(),
         registry,
         convert: ConvertOptions {
             ext4: Ext4Options {
-                headroom_bytes: args.headroom_mb << 20,
+                headroom_bytes: config.builder.rootfs_headroom_mb << 20,
                 ..Ext4Options::default()
             },
             ..ConvertOptions::default()
         },
-        max_parallel: args.max_parallel,
+        max_parallel: usize::try_from(config.oci.max_parallel)
+            .context("[oci].max_parallel does not fit this machine")?,
     };
-    let warmer = Warmer::new(meta, Arc::clone(&objects), config).context("setting up")?;
+    let warmer = Warmer::new(meta, Arc::clone(&objects), warmup).context("setting up")?;
     let resumed = warmer
         .resume()
         .await
@@ -115,9 +229,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     health
         .set_serving::<TemplatesServer<grpc::TemplatesService>>()
         .await;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+        .with_context(|| format!("listening on {listen} ([builder].listen_addr)"))?;
     let local = listener.local_addr().context("reading the bound address")?;
     tracing::info!(address = %local, resumed, init = warmer.init_version(), "template-builder serving");
     // A line for supervisors and tests that asked for port 0.
@@ -125,9 +239,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(nanobox_proto::reflection_service().context("building reflection")?)
-        .add_service(nanobox_proto::reflection_service_v1alpha().context("building reflection")?)
-        .add_service(TemplatesServer::new(grpc::TemplatesService::new(warmer)))
+        .add_service(reflection().build_v1().context("building reflection")?)
+        .add_service(
+            reflection()
+                .build_v1alpha()
+                .context("building reflection")?,
+        )
+        // Templates needs an API key; health and reflection stay open for probes and tools.
+        .add_service(TemplatesServer::with_interceptor(
+            grpc::TemplatesService::new(warmer),
+            api_keys,
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             nanobox_telemetry::shutdown_signal(),

