@@ -211,7 +211,7 @@ async fn serve(config: Config, legacy_flags: bool) -> anyhow::Result<()> {
         registry,
         convert: ConvertOptions {
             ext4: Ext4Options {
-                headroom_bytes: config.builder.rootfs_headroom_mb << 20,
+                headroom_bytes: config.builder.rootfs_headroom_mb.saturating_mul(1 << 20),
                 ..Ext4Options::default()
             },
             ..ConvertOptions::default()

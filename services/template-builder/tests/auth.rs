@@ -1,6 +1,7 @@
 //! API keys on `nanobox.v1.Templates`: a call without a key or with a wrong one is
 //! UNAUTHENTICATED and says why, the configured key works, health and reflection need no
-//! key, and a builder configured without keys is open.
+//! key, several keys each work, `NANOBOX__API__API_KEYS` overrides the file, and a builder
+//! configured without keys is open.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -80,6 +81,26 @@ async fn templates_need_an_api_key_health_does_not() {
             "{key}"
         );
     }
+
+    // `NANOBOX__API__API_KEYS` overrides the file's keys, as for every service.
+    const FROM_ENV: &str = "env-api-key-0123456789abcdef";
+    drop(stack.builder.take());
+    stack.extra_env = vec![("NANOBOX__API__API_KEYS".into(), FROM_ENV.into())];
+    stack.start_builder();
+    let err = stack
+        .client()
+        .await
+        .list(v1::ListTemplatesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(stack
+        .client_with_key(Some(FROM_ENV))
+        .await
+        .list(v1::ListTemplatesRequest::default())
+        .await
+        .is_ok());
+    stack.extra_env.clear();
 
     // No keys configured: the API is open.
     drop(stack.builder.take());

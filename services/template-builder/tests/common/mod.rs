@@ -130,6 +130,8 @@ pub struct Stack {
     pub api_keys: Vec<String>,
     /// More `nanobox.toml` text for the next start, appended to the harness's own.
     pub extra_config: String,
+    /// Environment of the next start (`NANOBOX__SECTION__KEY` overrides).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Stack {
@@ -149,6 +151,7 @@ impl Stack {
             builder: None,
             api_keys: vec![API_KEY.to_owned()],
             extra_config: String::new(),
+            extra_env: Vec::new(),
         };
         stack.start_builder();
         stack
@@ -201,6 +204,7 @@ impl Stack {
             .arg("--config")
             .arg(self.config_path())
             .env("RUST_LOG", "info")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
