@@ -64,6 +64,7 @@ fn run() -> anyhow::Result<()> {
                 "boot" => bench::boot(&guest)?,
                 "warmup" => bench::warmup(&guest)?,
                 "node" => bench::node(&guest)?,
+                "api" => bench::api(&guest)?,
                 other => {
                     anyhow::bail!("unknown benchmark {other:?} (available: boot, warmup, node)")
                 }
@@ -118,7 +119,9 @@ fn demo(guest: &setup::Guest) -> anyhow::Result<()> {
         .status()
         .context("running nanobox vm run")?;
     anyhow::ensure!(status.success(), "the demo command failed: {status}");
-    println!("\n(agent_ready_ms: process start to guest agent ready; exec_done_ms: to the command's result)");
+    println!(
+        "\n(agent_ready_ms: process start to guest agent ready; exec_done_ms: to the command's result)"
+    );
     Ok(())
 }
 

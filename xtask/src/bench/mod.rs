@@ -5,15 +5,18 @@
 //! - [`boot`]: a microVM's first exec against bare QEMU.
 //! - [`warmup`]: OCI image to ext4 against `umoci unpack` + `mkfs.ext4 -d`.
 //! - [`node`]: the node agent: pool and cold creates, clones, idle memory, destroys.
+//! - [`api`]: the public API through the gateway and scheduler: creates at c1/c20, exec, overhead.
 
 use std::path::Path;
 
 use serde_json::json;
 
+mod api;
 mod boot;
 mod node;
 mod warmup;
 
+pub use api::api;
 pub use boot::boot;
 pub use node::node;
 pub use warmup::warmup;
