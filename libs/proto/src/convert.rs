@@ -707,7 +707,8 @@ mod tests {
 
     #[test]
     fn reflection_services_build() {
-        assert!(crate::reflection_service().is_ok());
-        assert!(crate::reflection_service_v1alpha().is_ok());
+        let served = ["nanobox.v1.Templates", "nanobox.node.v1.NodeAgent"];
+        assert!(crate::reflection(&served).build_v1().is_ok());
+        assert!(crate::reflection(&served).build_v1alpha().is_ok());
     }
 }

@@ -59,28 +59,30 @@ pub use generated::nanobox::v1;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/nanobox_descriptor.bin"));
 
-/// Builds the gRPC reflection service (`grpc.reflection.v1`) over [`FILE_DESCRIPTOR_SET`].
-/// Serve it next to the service's own servers so `grpcurl` can list and call them.
-pub fn reflection_service() -> Result<
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
-    tonic_reflection::server::Error,
-> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()
-}
+/// Services every NanoBox process serves next to its own: health and both reflection
+/// versions.
+pub const COMMON_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
-/// Builds the older `grpc.reflection.v1alpha` reflection service, which grpcurl before 1.9
-/// and other older clients use. Serve it alongside [`reflection_service`].
-pub fn reflection_service_v1alpha() -> Result<
-    tonic_reflection::server::v1alpha::ServerReflectionServer<
-        impl tonic_reflection::server::v1alpha::ServerReflection,
-    >,
-    tonic_reflection::server::Error,
-> {
-    tonic_reflection::server::Builder::configure()
+/// A reflection builder that lists `served` (the process's own services, by full name)
+/// and the [`COMMON_SERVICES`], and can describe all of them.
+///
+/// [`FILE_DESCRIPTOR_SET`] holds every NanoBox service; listing them all from every
+/// process would send `grpcurl list` users to calls that answer UNIMPLEMENTED, and
+/// health's descriptors are not in it, so they are added here.
+pub fn reflection(served: &[&'static str]) -> tonic_reflection::server::Builder<'static> {
+    let builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        // Both versions are registered above, whichever one is being built.
+        .include_reflection_service(false);
+    served
+        .iter()
+        .chain(COMMON_SERVICES.iter())
+        .fold(builder, |b, name| b.with_service_name(*name))
 }

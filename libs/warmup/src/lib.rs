@@ -365,8 +365,11 @@ impl Warmer {
         &self,
         name: &TemplateName,
     ) -> Result<(WarmupTask, Option<Template>), WarmupError> {
+        // The task first: a warmup that turns READY between the two reads is then seen
+        // with its template (the template row is published before the task is marked).
+        let task = self.inner.meta.latest_task(name).await?;
         let template = self.inner.meta.get_template(name).await?;
-        match self.inner.meta.latest_task(name).await? {
+        match task {
             // A ready task without its template: the template was deleted since.
             Some(task) if task.state == TemplateState::Ready && template.is_none() => {
                 Err(WarmupError::NotFound(name.clone()))

@@ -280,8 +280,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(nanobox_proto::reflection_service().context("building reflection")?)
-        .add_service(nanobox_proto::reflection_service_v1alpha().context("building reflection")?)
+        .add_service(
+            nanobox_proto::reflection(&["nanobox.node.v1.NodeAgent"])
+                .build_v1()
+                .context("building reflection")?,
+        )
+        .add_service(
+            nanobox_proto::reflection(&["nanobox.node.v1.NodeAgent"])
+                .build_v1alpha()
+                .context("building reflection")?,
+        )
         .add_service(NodeAgentServer::with_interceptor(
             grpc::NodeAgentService::new(node.clone()),
             nanobox_scheduler::auth::ServerAuth::new(token),

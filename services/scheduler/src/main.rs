@@ -41,31 +41,13 @@ struct Args {
 /// takes tens of seconds).
 const MIN_CREATE_DEADLINE: Duration = Duration::from_secs(180);
 
-/// The services this process serves: what reflection lists.
-const SERVED: [&str; 6] = [
+/// The NanoBox services this process serves: what reflection lists (with health and
+/// reflection themselves).
+const SERVED: [&str; 3] = [
     "nanobox.v1.Sandboxes",
     "nanobox.v1.Cluster",
     "nanobox.node.v1.NodeRegistry",
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
 ];
-
-/// Reflection over the services in [`SERVED`] only. `nanobox_proto`'s descriptor set holds
-/// every NanoBox service (Templates, NodeAgent, ...), which this process does not serve, and
-/// not health's, so grpcurl could neither trust `list` nor call health by reflection.
-fn reflection() -> tonic_reflection::server::Builder<'static> {
-    let builder = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nanobox_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
-        // Both versions are registered above, whichever one is being built.
-        .include_reflection_service(false);
-    SERVED
-        .into_iter()
-        .fold(builder, |b, name| b.with_service_name(name))
-}
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -143,9 +125,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let api = grpc::Api::new(Arc::clone(&scheduler));
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection().build_v1().context("building reflection")?)
         .add_service(
-            reflection()
+            nanobox_proto::reflection(&SERVED)
+                .build_v1()
+                .context("building reflection")?,
+        )
+        .add_service(
+            nanobox_proto::reflection(&SERVED)
                 .build_v1alpha()
                 .context("building reflection")?,
         )

@@ -118,30 +118,9 @@ impl LegacyFlags {
     }
 }
 
-/// The services this process serves: what reflection lists.
-const SERVED: [&str; 4] = [
-    "nanobox.v1.Templates",
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
-];
-
-/// Reflection over the services in [`SERVED`] only. `nanobox_proto`'s descriptor set holds
-/// every NanoBox service (Sandboxes, NodeAgent, ...), which this process does not serve, so
-/// listing them all would send `grpcurl list` users to calls that answer UNIMPLEMENTED;
-/// health's descriptors are added so it can be described too.
-fn reflection() -> tonic_reflection::server::Builder<'static> {
-    let builder = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nanobox_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
-        // Both versions are registered above, whichever one is being built.
-        .include_reflection_service(false);
-    SERVED
-        .into_iter()
-        .fold(builder, |b, name| b.with_service_name(name))
-}
+/// The NanoBox services this process serves: what reflection lists (with health and
+/// reflection themselves).
+const SERVED: [&str; 1] = ["nanobox.v1.Templates"];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -239,9 +218,13 @@ async fn serve(config: Config, legacy_flags: bool) -> anyhow::Result<()> {
 
     tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection().build_v1().context("building reflection")?)
         .add_service(
-            reflection()
+            nanobox_proto::reflection(&SERVED)
+                .build_v1()
+                .context("building reflection")?,
+        )
+        .add_service(
+            nanobox_proto::reflection(&SERVED)
                 .build_v1alpha()
                 .context("building reflection")?,
         )
