@@ -663,3 +663,147 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
     drop(agent_a);
     drop(agent_b);
 }
+
+/// The issue's Debian + Node.js image, warmed up over REST and run on one of two nodes;
+/// the same sandbox seen over REST and gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debian_node_image_warmed_up_and_run_over_rest_and_grpc() {
+    use nanobox_testkit::images::{debian_node_layout, DEBIAN_NODE_TAG};
+    use nanobox_testkit::registry::{PushFormat, Registry};
+
+    let pg = Postgres::start().await;
+    let db = pg.create_database().await;
+    let mut stack = Stack {
+        pg,
+        db,
+        dir: tempfile::tempdir().unwrap(),
+        scheduler_addr: format!("127.0.0.1:{}", free_port()),
+        scheduler: None,
+    };
+    let registry = Registry::start();
+    let builder = common::start_builder(&stack.pg, &stack.db, &registry, stack.dir.path());
+    stack.start_scheduler();
+    let agent_a = stack.start_agent("node-a", 1024, "");
+    let agent_b = stack.start_agent("node-b", 1024, "");
+    let gateway = start_gateway(
+        stack.dir.path(),
+        &GatewayConfig {
+            builder: builder.addr.clone(),
+            scheduler: stack.scheduler_addr.clone(),
+            request_timeout_sec: 120,
+            ..GatewayConfig::default()
+        },
+    );
+    let client = Client::new(&gateway, Some(KEY));
+    let mut grpc = SandboxesClient::connect(format!("http://{}", stack.scheduler_addr))
+        .await
+        .unwrap();
+
+    registry.push(
+        &debian_node_layout(),
+        DEBIAN_NODE_TAG,
+        "library/node",
+        "22-bookworm",
+        PushFormat::Oci,
+    );
+    let warmup = client
+        .post(
+            "/api/v1/templates/warmup",
+            &format!(
+                r#"{{"name": "node22", "image": "{}/library/node:22-bookworm"}}"#,
+                registry.host
+            ),
+        )
+        .await;
+    assert_eq!(warmup.status, 200, "{warmup:?}");
+    let (task, _) = client.wait_template("node22").await;
+    assert_eq!(task["state"], "TEMPLATE_STATE_READY", "{task}");
+    wait_for(&client, "/api/v1/nodes", "both nodes READY", both_ready).await;
+
+    let created = client
+        .post(
+            "/api/v1/sandboxes",
+            r#"{"template": "node22", "resources": {"vcpu": 1, "memory_mb": 256}, "metadata": {"app": "node"}}"#,
+        )
+        .await;
+    assert_eq!(created.status, 200, "{created:?}");
+    assert_eq!(
+        created.json["state"], "SANDBOX_STATE_RUNNING",
+        "{created:?}"
+    );
+    let id = created.json["id"].as_str().unwrap().to_owned();
+    let node_id = created.json["node_id"].as_str().unwrap().to_owned();
+    assert!(node_id == "node-a" || node_id == "node-b", "{created:?}");
+
+    let ran = client
+        .post(
+            &format!("/api/v1/sandboxes/{id}/exec"),
+            r#"{"command": "node", "args": ["-e", "console.log(JSON.stringify({ok:true}))"], "timeout_ms": 60000}"#,
+        )
+        .await;
+    assert_eq!(ran.status, 200, "{ran:?}");
+    assert_eq!(ran.json["stdout"], "{\"ok\":true}\n", "{ran:?}");
+    assert_eq!(ran.json["exit_code"], 0, "{ran:?}");
+
+    // List, get, keepalive over REST; the same over gRPC.
+    let listed = client.get("/api/v1/sandboxes?metadata[app]=node").await;
+    assert_eq!(listed.json["sandboxes"][0]["id"], id, "{listed:?}");
+    let got = client.get(&format!("/api/v1/sandboxes/{id}")).await;
+    assert_eq!(got.json["template"], "node22", "{got:?}");
+    let kept = client
+        .post(
+            &format!("/api/v1/sandboxes/{id}/keepalive"),
+            r#"{"timeout_sec": 600}"#,
+        )
+        .await;
+    assert_eq!(kept.status, 200, "{kept:?}");
+    let over_grpc = grpc
+        .get(v1::GetSandboxRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(over_grpc.node_id, node_id);
+    assert_eq!(over_grpc.template, "node22");
+    // The keepalive's 600 s is what gRPC reports too.
+    let expires = std::time::SystemTime::try_from(over_grpc.expires_at.unwrap()).unwrap();
+    assert!(
+        expires > std::time::SystemTime::now() + Duration::from_secs(500),
+        "{over_grpc:?}"
+    );
+    let listed_grpc = grpc
+        .list(v1::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes;
+    assert_eq!(listed_grpc.len(), 1, "{listed_grpc:?}");
+    assert_eq!(listed_grpc[0].id, id);
+
+    // Nodes and stats tell the truth.
+    let nodes = client.get("/api/v1/nodes").await;
+    assert_eq!(
+        nodes.json["nodes"].as_array().unwrap().len(),
+        2,
+        "{nodes:?}"
+    );
+    let stats = client.get("/api/v1/stats").await;
+    assert_eq!(stats.json["sandboxes_by_state"]["RUNNING"], 1, "{stats:?}");
+    assert_eq!(stats.json["nodes_ready"], 2, "{stats:?}");
+
+    let deleted = client.delete(&format!("/api/v1/sandboxes/{id}")).await;
+    assert_eq!(deleted.status, 200, "{deleted:?}");
+    let agent = if node_id == "node-a" {
+        &agent_a
+    } else {
+        &agent_b
+    };
+    let deadline = Instant::now() + SETTLE;
+    while node_ids(agent).await.contains(&id) {
+        assert!(Instant::now() < deadline, "{id} still runs on {node_id}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(agent_a);
+    drop(agent_b);
+}
