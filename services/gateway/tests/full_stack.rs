@@ -3,11 +3,14 @@
 //! gateway, real guests under QEMU. Bad input over REST gets the right code and a message
 //! naming the problem; creates fill the pooled node and then go to the other; REST and a
 //! tonic client see the same sandboxes; the scheduler killed with -9 and restarted while a
-//! create is in flight keeps every existing sandbox working and leaves no orphan VM.
+//! create is in flight keeps every existing sandbox working and leaves no orphan VM. And,
+//! with the template-builder and a local registry, the Debian + Node.js image is
+//! warmed up over REST and runs `node -e` in a sandbox on one of the two nodes.
 //!
-//! Needs the guest kernel and test rootfs (`NANOBOX_TEST_KERNEL`, `NANOBOX_TEST_ROOTFS`)
-//! that `cargo xtask test` exports, and the scheduler and node-agent binaries (built by
-//! `cargo xtask test`; by hand, `cargo build -p nanobox-scheduler-service -p nanobox-node-agent`).
+//! Needs the guest kernel, init and test rootfs (`NANOBOX_TEST_KERNEL`, `NANOBOX_INIT`,
+//! `NANOBOX_TEST_ROOTFS`) that `cargo xtask test` exports, and the scheduler, node-agent
+//! and template-builder binaries (built by `cargo xtask test`; by hand, `cargo build -p
+//! nanobox-scheduler-service -p nanobox-node-agent -p nanobox-template-builder`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
