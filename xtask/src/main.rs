@@ -30,7 +30,7 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: boot, warmup, node.
+    /// Run a benchmark: boot, warmup, node, api.
     Bench { name: String },
 }
 
@@ -66,7 +66,9 @@ fn run() -> anyhow::Result<()> {
                 "node" => bench::node(&guest)?,
                 "api" => bench::api(&guest)?,
                 other => {
-                    anyhow::bail!("unknown benchmark {other:?} (available: boot, warmup, node)")
+                    anyhow::bail!(
+                        "unknown benchmark {other:?} (available: boot, warmup, node, api)"
+                    )
                 }
             }
         }

@@ -578,6 +578,32 @@ impl Scheduler {
         // Sandboxes recorded running here that the node no longer has.
         for record in &records {
             let stale = observed_at.is_none_or(|t| record.updated_at < t);
+            // A create cut short (the scheduler restarted while it was in flight) that the
+            // node never reported by its deadline: it failed. It is also no longer wanted,
+            // so a VM the node reports for it later is destroyed, not adopted.
+            if record.observed_state == SandboxState::Starting
+                && !reported.contains(record.id.as_str())
+                && stale
+            {
+                let age = SystemTime::now()
+                    .duration_since(record.created_at)
+                    .unwrap_or_default();
+                if age >= self.settings.create_deadline {
+                    self.meta
+                        .set_sandbox_desired(&record.id, SandboxState::Stopped)
+                        .await?;
+                    let seen = SandboxObservation {
+                        state: Some(SandboxState::Failed),
+                        ip: Some(String::new()),
+                        message: Some(
+                            "its create was interrupted and the node never reported it".to_owned(),
+                        ),
+                        ..Default::default()
+                    };
+                    self.meta.observe_sandbox(&record.id, &seen).await?;
+                    continue;
+                }
+            }
             if record.observed_state == SandboxState::Running
                 && !reported.contains(record.id.as_str())
                 && stale
