@@ -40,3 +40,20 @@ impl CoreError {
         }
     }
 }
+
+/// An error and its causes on one line (`outer: cause: root cause`), each cause added
+/// only when the text so far does not already contain it: the message a user reads in a
+/// task status or a sandbox's `message`.
+pub fn describe(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}

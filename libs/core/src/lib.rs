@@ -18,7 +18,7 @@ mod resources;
 mod sandbox;
 mod template;
 
-pub use error::CoreError;
+pub use error::{describe, CoreError};
 pub use exec::{ExecSpec, ExitKind, ExitOutcome};
 pub use id::SandboxId;
 pub use network::{NetworkMode, NetworkSpec};

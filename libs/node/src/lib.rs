@@ -22,7 +22,9 @@ mod templates;
 mod vm;
 
 pub use config::{Capacity, NodeConfig, PoolConfig, PoolTarget};
-pub use error::{describe, NodeError};
+pub use error::NodeError;
+/// The error with its causes on one line (re-exported for the node agent's edge).
+pub use nanobox_core::describe;
 pub use node::{
     Allocation, CachedTemplateStatus, CreateRequest, Created, Node, NodeStatus, PoolStatus,
     SandboxInfo,

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use nanobox_core::{ImageConfig, TemplateName, TemplateState};
+use nanobox_core::{describe, ImageConfig, TemplateName, TemplateState};
 use nanobox_oci::{convert, ConvertOptions, Platform, Reference, RegistryClient, RegistryOptions};
 use nanobox_store::metadata::{Progress, TaskUpdate, Template, TemplateRecord, WarmupTask};
 use nanobox_store::rootfs::{rootfs_keys, sidecar_key, RootfsInfo, RootfsKeys};
@@ -167,21 +167,6 @@ pub fn parse_platform(platform: &str) -> Result<Platform, WarmupError> {
 
 fn platform_string(p: &Platform) -> String {
     format!("{}/{}", p.os, p.architecture)
-}
-
-/// The error with its causes, on one line: what a user reads in `Status`.
-fn describe(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 /// The init's version: the first 16 hex digits of its sha256.
