@@ -625,8 +625,10 @@ impl Inner {
         }
     }
 
+    /// Records a gone (or going) sandbox, replacing an earlier entry for it.
     fn tombstone(&self, info: SandboxInfo) {
         let mut tombstones = lock(&self.tombstones);
+        tombstones.retain(|(_, gone)| gone.id != info.id);
         let now = Instant::now();
         while tombstones.len() >= MAX_TOMBSTONES
             || tombstones
@@ -797,11 +799,21 @@ impl Inner {
 
     /// Removes a sandbox: VM, disk, cgroups, record; leaves a tombstone in `state`.
     async fn destroy(&self, id: &SandboxId, state: SandboxState, message: &str) -> bool {
-        let Some(sandbox) = lock(&self.sandboxes).remove(id) else {
-            return false;
+        // Leave the map and enter the tombstones under one lock, so a concurrent
+        // `get` never finds the sandbox in neither: while the teardown runs it is
+        // STOPPING, then settles in `state`.
+        let (sandbox, mut info) = {
+            let mut sandboxes = lock(&self.sandboxes);
+            let Some(sandbox) = sandboxes.remove(id) else {
+                return false;
+            };
+            let mut info = lock(&sandbox.info).clone();
+            info.state = SandboxState::Stopping;
+            info.message = message.to_owned();
+            self.tombstone(info.clone());
+            (sandbox, info)
         };
         let record = lock(&sandbox.record).clone();
-        let mut info = lock(&sandbox.info).clone();
         let Ok(sandbox) = Arc::try_unwrap(sandbox) else {
             // An exec or file transfer still holds it; kill the VM now, the rest is
             // cleaned up below from the record.
