@@ -23,7 +23,8 @@ const MAX_METADATA_VALUE_LEN: usize = 256;
 ///                 +------ Paused
 /// ```
 /// Failed is reachable from every live state; Lost from the states in which a node holds
-/// the VM, and a Lost sandbox may come back Running when its node reports it again.
+/// the VM or the snapshot, and a Lost sandbox may come back Running (or Paused) when its
+/// node reports it again. A resume that fails leaves it Paused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SandboxState {
     /// Accepted, waiting for a node.
@@ -63,16 +64,18 @@ impl SandboxState {
         use SandboxState::*;
         match (self, next) {
             (Pending, Starting | Stopping | Stopped | Failed) => true,
-            (Starting, Running | Stopping | Failed | Lost) => true,
+            // A resume that failed leaves the sandbox in its snapshot, paused again.
+            (Starting, Running | Paused | Stopping | Failed | Lost) => true,
             (Running, Paused | Stopping | Failed | Lost) => true,
             // Resuming goes through Starting (the restore); deleting a paused sandbox only
-            // deletes its snapshot, hence straight to Stopped as well.
-            (Paused, Starting | Stopping | Stopped | Failed) => true,
+            // deletes its snapshot, hence straight to Stopped as well. Its node may stop
+            // reporting it (the snapshot is gone): Lost.
+            (Paused, Starting | Stopping | Stopped | Failed | Lost) => true,
             (Stopping, Stopped | Failed | Lost) => true,
             // A failed sandbox may still hold a VM or disk to clean up.
             (Failed, Stopping | Stopped) => true,
             // The node came back and reports the sandbox, or the scheduler gives up on it.
-            (Lost, Running | Stopping | Stopped | Failed) => true,
+            (Lost, Running | Paused | Stopping | Stopped | Failed) => true,
             _ => false,
         }
     }
@@ -222,7 +225,7 @@ mod tests {
     #[test]
     fn refused_transitions_name_both_states() {
         assert!(!Pending.can_transition_to(Running));
-        assert!(!Paused.can_transition_to(Lost));
+        assert!(!Paused.can_transition_to(Running));
         assert_eq!(
             Running.transition_to(Pending),
             Err(CoreError::InvalidTransition {

@@ -339,3 +339,211 @@ async fn sandboxes_round_trip_filter_page_and_count() {
     let orphan = new_sandbox("no-such-node", "busybox");
     assert!(store.insert_sandbox(&orphan).await.is_err());
 }
+
+#[tokio::test]
+async fn pause_and_resume_are_compare_and_set() {
+    let (_pg, _config, store) = fresh().await;
+    store
+        .report_node(&report("node-a"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let mut past = new_sandbox("node-a", "busybox");
+    // Already past its deadline: pausing must take it out of the expiry scan.
+    past.expires_at = Some(SystemTime::now() - Duration::from_secs(1));
+    let sandbox = store
+        .insert_sandbox(&past)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .0;
+    let running = store
+        .observe_sandbox(
+            &sandbox.id,
+            &SandboxObservation {
+                state: Some(SandboxState::Running),
+                ip: Some("10.100.0.2".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|| panic!("missing"));
+    assert_eq!(running.snapshot_id, None);
+    assert!(!running.resuming());
+    assert_eq!(
+        store
+            .expired_sandboxes()
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .len(),
+        1
+    );
+
+    // Paused: both states, the snapshot, no address, no deadline; it never expires.
+    let paused = store
+        .record_pause(&sandbox.id, Some("snap-1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|| panic!("missing"));
+    assert_eq!(
+        (paused.observed_state, paused.desired_state),
+        (SandboxState::Paused, SandboxState::Paused)
+    );
+    assert_eq!(paused.snapshot_id.as_deref(), Some("snap-1"));
+    assert_eq!((paused.ip.as_str(), paused.expires_at), ("", None));
+    assert_eq!(paused.node_id.as_deref(), Some("node-a"));
+    assert!(store
+        .expired_sandboxes()
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .is_empty());
+    // A later pause without an id keeps the recorded one.
+    let again = store
+        .record_pause(&sandbox.id, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|| panic!("missing"));
+    assert_eq!(again.snapshot_id.as_deref(), Some("snap-1"));
+
+    // One resume begins; a second finds it no longer paused.
+    let started = store
+        .begin_resume(&sandbox.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|| panic!("missing"));
+    assert_eq!(
+        (started.observed_state, started.desired_state),
+        (SandboxState::Starting, SandboxState::Running)
+    );
+    assert!(started.resuming());
+    assert_eq!(started.snapshot_id.as_deref(), Some("snap-1"));
+    assert!(store
+        .begin_resume(&sandbox.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .is_none());
+    // It failed: paused again with the reason, snapshot kept; undoing twice does nothing.
+    let aborted = store
+        .abort_resume(&sandbox.id, "resume failed: node node-a: full")
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|| panic!("missing"));
+    assert_eq!(
+        (aborted.observed_state, aborted.desired_state),
+        (SandboxState::Paused, SandboxState::Paused)
+    );
+    assert_eq!(aborted.snapshot_id.as_deref(), Some("snap-1"));
+    assert_eq!(aborted.message, "resume failed: node node-a: full");
+    assert!(store
+        .abort_resume(&sandbox.id, "again")
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .is_none());
+
+    // Resumed: running, wanted running, the snapshot moved to resumed_from.
+    store
+        .begin_resume(&sandbox.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|| panic!("missing"));
+    let deadline = SystemTime::now() + Duration::from_secs(600);
+    let resumed = store
+        .record_resumed(
+            &sandbox.id,
+            &SandboxObservation {
+                state: Some(SandboxState::Running),
+                ip: Some("10.100.0.9".into()),
+                boot_time_ms: Some(42),
+                expires_at: Some(deadline),
+                message: None,
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|| panic!("missing"));
+    assert_eq!(
+        (resumed.observed_state, resumed.desired_state),
+        (SandboxState::Running, SandboxState::Running)
+    );
+    assert_eq!(
+        (resumed.snapshot_id.as_deref(), resumed.resumed_from.as_deref()),
+        (None, Some("snap-1"))
+    );
+    assert_eq!(
+        (
+            resumed.ip.as_str(),
+            resumed.boot_time_ms,
+            resumed.message.as_str()
+        ),
+        ("10.100.0.9", 42, "")
+    );
+    assert!(resumed.expires_at.is_some());
+    assert!(!resumed.resuming());
+    assert!(store
+        .begin_resume(&sandbox.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .is_none());
+
+    // Paused again, then deleted: stopped without a snapshot, and neither a late pause
+    // nor a late resume revives it.
+    store
+        .record_pause(&sandbox.id, Some("snap-2"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|| panic!("missing"));
+    let counts = store
+        .count_sandboxes_by_state()
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(counts.get(&SandboxState::Paused), Some(&1));
+    store
+        .set_sandbox_desired(&sandbox.id, SandboxState::Stopped)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(store
+        .begin_resume(&sandbox.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .is_none());
+    let stopped = store
+        .observe_sandbox(
+            &sandbox.id,
+            &SandboxObservation {
+                state: Some(SandboxState::Stopped),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|| panic!("missing"));
+    assert_eq!(stopped.snapshot_id, None);
+    assert!(store
+        .record_pause(&sandbox.id, Some("snap-3"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .is_none());
+    assert!(store
+        .record_resumed(&sandbox.id, &SandboxObservation::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .is_none());
+    let last = store
+        .get_sandbox(&sandbox.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|| panic!("missing"));
+    assert_eq!(last.observed_state, SandboxState::Stopped);
+
+    // Unknown sandboxes: nothing.
+    let unknown = SandboxId::new();
+    assert!(store
+        .record_pause(&unknown, Some("snap-x"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .is_none());
+    assert!(store
+        .begin_resume(&unknown)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .is_none());
+}

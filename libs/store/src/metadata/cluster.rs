@@ -1,10 +1,16 @@
-//! Nodes and sandboxes, as the scheduler records them (migration 0003).
+//! Nodes and sandboxes, as the scheduler records them (migrations 0003 and 0004).
 //!
 //! A node row is replaced by each registration and heartbeat; the scheduler marks nodes
 //! that fall silent LOST. A sandbox row holds what was asked for (template, size, network,
 //! env, labels, lifetime), the `desired_state` the scheduler wants and the
 //! `observed_state` it last saw, so that a restarted scheduler knows every sandbox and can
 //! drive each one towards what is wanted.
+//!
+//! Pause and resume move a sandbox between RUNNING and PAUSED with compare-and-set
+//! updates ([`MetadataStore::record_pause`], [`MetadataStore::begin_resume`],
+//! [`MetadataStore::record_resumed`]), so a delete racing either one wins and two resumes
+//! of one sandbox cannot both start. A paused sandbox keeps its `node_id`: snapshots are
+//! node-local until the snapshot store lands, so that node is where it resumes.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -80,8 +86,22 @@ pub struct SandboxRecord {
     pub boot_time_ms: u32,
     pub expires_at: Option<SystemTime>,
     pub message: String,
+    /// The snapshot it is paused in: set while PAUSED, and while STARTING from a resume.
+    pub snapshot_id: Option<String>,
+    /// The snapshot it was last resumed from.
+    pub resumed_from: Option<String>,
+    /// When its last resume began (a resume in flight is timed from here).
+    pub resume_started_at: Option<SystemTime>,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
+}
+
+impl SandboxRecord {
+    /// Whether it is STARTING because of a resume rather than a create (a sandbox is
+    /// created once, so a resume has begun whenever it starts again).
+    pub fn resuming(&self) -> bool {
+        self.observed_state == SandboxState::Starting && self.resume_started_at.is_some()
+    }
 }
 
 /// A sandbox to record ([`MetadataStore::insert_sandbox`]); desired state RUNNING.
@@ -133,6 +153,7 @@ const SANDBOX_COLUMNS: &str = "id, request_id, template_name, template_digest, n
                                desired_state, observed_state, vcpus, memory_mb, disk_mb, \
                                network_mode, egress_rate_bps, tenant_scope, env, metadata, \
                                timeout_sec, ip, boot_time_ms, expires_at, message, \
+                               snapshot_id, resumed_from, resume_started_at, \
                                created_at, updated_at";
 
 /// Observed states in which the node holds (or is making) the VM.
@@ -257,6 +278,9 @@ fn sandbox_from(row: &Row) -> Result<SandboxRecord, MetadataError> {
         boot_time_ms: to_u32(row.get("boot_time_ms"), "boot_time_ms")?,
         expires_at: row.get("expires_at"),
         message: row.get("message"),
+        snapshot_id: row.get("snapshot_id"),
+        resumed_from: row.get("resumed_from"),
+        resume_started_at: row.get("resume_started_at"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
     })
@@ -338,7 +362,9 @@ impl MetadataStore {
 
     /// Marks LOST every node not yet lost whose last heartbeat is older than `silent_for`
     /// (by the database's clock, which every scheduler replica shares), and the live
-    /// sandboxes of those nodes LOST with `message`. Returns the nodes marked.
+    /// sandboxes of those nodes LOST with `message`. Returns the nodes marked. Paused
+    /// sandboxes stay PAUSED: their snapshot is on the node's disk and is there again when
+    /// the node comes back (a resume meanwhile is refused as UNAVAILABLE).
     pub async fn mark_silent_nodes_lost(
         &self,
         silent_for: Duration,
@@ -505,6 +531,8 @@ impl MetadataStore {
     }
 
     /// Records what was observed about sandbox `id`; `None` if there is no such sandbox.
+    /// A sandbox observed STOPPED no longer has a snapshot (destroying a paused sandbox
+    /// deletes it), so its `snapshot_id` is cleared.
     pub async fn observe_sandbox(
         &self,
         id: &SandboxId,
@@ -520,6 +548,7 @@ impl MetadataStore {
                          boot_time_ms = coalesce($4, boot_time_ms),
                          expires_at = coalesce($5, expires_at),
                          message = coalesce($6, message),
+                         snapshot_id = CASE WHEN $2 = 'STOPPED' THEN NULL ELSE snapshot_id END,
                          updated_at = now()
                      WHERE id = $1
                      RETURNING {SANDBOX_COLUMNS}"
@@ -579,6 +608,7 @@ impl MetadataStore {
     }
 
     /// Sandboxes that should be running but whose deadline has passed (database clock).
+    /// Paused sandboxes never expire (they hold no node resources and have no deadline).
     pub async fn expired_sandboxes(&self) -> Result<Vec<SandboxRecord>, MetadataError> {
         let client = self.client().await?;
         let rows = client
@@ -586,7 +616,7 @@ impl MetadataStore {
                 &format!(
                     "SELECT {SANDBOX_COLUMNS} FROM sandboxes
                      WHERE desired_state = 'RUNNING' AND expires_at < now()
-                       AND observed_state NOT IN ('STOPPED', 'FAILED')
+                       AND observed_state NOT IN ('STOPPED', 'FAILED', 'PAUSED')
                      ORDER BY expires_at"
                 ),
                 &[],
@@ -613,6 +643,137 @@ impl MetadataStore {
             .await
             .map_err(db("listing sandboxes to stop"))?;
         rows.iter().map(sandbox_from).collect()
+    }
+
+    /// Records sandbox `id` paused: observed and desired PAUSED, in snapshot `snapshot_id`
+    /// (`None` keeps the one recorded), no address and no deadline. `None` if there is no
+    /// such sandbox or it is stopped, failed or being deleted: a pause never revives one.
+    pub async fn record_pause(
+        &self,
+        id: &SandboxId,
+        snapshot_id: Option<&str>,
+    ) -> Result<Option<SandboxRecord>, MetadataError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE sandboxes SET
+                         observed_state = 'PAUSED',
+                         desired_state = 'PAUSED',
+                         snapshot_id = coalesce($2, snapshot_id),
+                         ip = '',
+                         expires_at = NULL,
+                         message = '',
+                         updated_at = now()
+                     WHERE id = $1 AND desired_state <> 'STOPPED'
+                       AND observed_state NOT IN ('STOPPED', 'FAILED')
+                     RETURNING {SANDBOX_COLUMNS}"
+                ),
+                &[&id.as_str(), &snapshot_id],
+            )
+            .await
+            .map_err(db("recording a pause"))?;
+        row.as_ref().map(sandbox_from).transpose()
+    }
+
+    /// Starts resuming sandbox `id` if it is PAUSED (and not being deleted): observed
+    /// STARTING, desired RUNNING, the resume's start time now; its snapshot id stays until
+    /// it runs. `None` if it is not paused (or does not exist): exactly one of concurrent
+    /// resumes gets the record.
+    pub async fn begin_resume(
+        &self,
+        id: &SandboxId,
+    ) -> Result<Option<SandboxRecord>, MetadataError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE sandboxes SET
+                         observed_state = 'STARTING',
+                         desired_state = 'RUNNING',
+                         message = '',
+                         resume_started_at = now(),
+                         updated_at = now()
+                     WHERE id = $1 AND observed_state = 'PAUSED' AND desired_state <> 'STOPPED'
+                     RETURNING {SANDBOX_COLUMNS}"
+                ),
+                &[&id.as_str()],
+            )
+            .await
+            .map_err(db("starting a resume"))?;
+        row.as_ref().map(sandbox_from).transpose()
+    }
+
+    /// Puts sandbox `id` back to PAUSED after a resume that failed, with `message` saying
+    /// why; its snapshot stays. `None` unless it is still STARTING from that resume (a
+    /// node report or a delete got there first and is kept).
+    pub async fn abort_resume(
+        &self,
+        id: &SandboxId,
+        message: &str,
+    ) -> Result<Option<SandboxRecord>, MetadataError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE sandboxes SET
+                         observed_state = 'PAUSED',
+                         desired_state = 'PAUSED',
+                         ip = '',
+                         expires_at = NULL,
+                         message = $2,
+                         updated_at = now()
+                     WHERE id = $1 AND observed_state = 'STARTING'
+                       AND resume_started_at IS NOT NULL AND desired_state <> 'STOPPED'
+                     RETURNING {SANDBOX_COLUMNS}"
+                ),
+                &[&id.as_str(), &message],
+            )
+            .await
+            .map_err(db("undoing a failed resume"))?;
+        row.as_ref().map(sandbox_from).transpose()
+    }
+
+    /// Records sandbox `id` running again after a resume (or a node reporting it running
+    /// after one): observed and desired RUNNING, its snapshot moved to `resumed_from`, the
+    /// observed address, restore time and deadline. `None` if there is no such sandbox or
+    /// it is stopped, failed or being deleted.
+    pub async fn record_resumed(
+        &self,
+        id: &SandboxId,
+        seen: &SandboxObservation,
+    ) -> Result<Option<SandboxRecord>, MetadataError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE sandboxes SET
+                         observed_state = 'RUNNING',
+                         desired_state = 'RUNNING',
+                         resumed_from = coalesce(snapshot_id, resumed_from),
+                         snapshot_id = NULL,
+                         ip = coalesce($2, ''),
+                         boot_time_ms = coalesce($3, boot_time_ms),
+                         expires_at = $4,
+                         message = '',
+                         updated_at = now()
+                     WHERE id = $1 AND desired_state <> 'STOPPED'
+                       AND observed_state NOT IN ('STOPPED', 'FAILED')
+                     RETURNING {SANDBOX_COLUMNS}"
+                ),
+                &[
+                    &id.as_str(),
+                    &seen.ip,
+                    &seen
+                        .boot_time_ms
+                        .map(|b| i32_of(b, "boot_time_ms"))
+                        .transpose()?,
+                    &seen.expires_at,
+                ],
+            )
+            .await
+            .map_err(db("recording a resume"))?;
+        row.as_ref().map(sandbox_from).transpose()
     }
 
     /// The number of sandboxes in each observed state (states with none are absent).

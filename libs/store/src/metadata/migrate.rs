@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "nodes_and_sandboxes",
         sql: include_str!("../../migrations/0003_nodes_and_sandboxes.sql"),
     },
+    Migration {
+        version: 4,
+        name: "sandbox_snapshots",
+        sql: include_str!("../../migrations/0004_sandbox_snapshots.sql"),
+    },
 ];
 
 /// The schema version this code expects.
