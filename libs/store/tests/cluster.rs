@@ -465,7 +465,10 @@ async fn pause_and_resume_are_compare_and_set() {
         (SandboxState::Running, SandboxState::Running)
     );
     assert_eq!(
-        (resumed.snapshot_id.as_deref(), resumed.resumed_from.as_deref()),
+        (
+            resumed.snapshot_id.as_deref(),
+            resumed.resumed_from.as_deref()
+        ),
         (None, Some("snap-1"))
     );
     assert_eq!(

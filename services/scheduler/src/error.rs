@@ -29,6 +29,22 @@ pub enum SchedulerError {
         state: SandboxState,
         what: &'static str,
     },
+    /// Exec or keepalive on a paused sandbox: it has no VM until it is resumed.
+    #[error("sandbox {id} is paused; resume it first ({what} needs it RUNNING)")]
+    Paused { id: SandboxId, what: &'static str },
+    #[error("sandbox {id} is {state}; resume needs it PAUSED")]
+    NotPaused { id: SandboxId, state: SandboxState },
+    /// The node holding a paused sandbox's snapshot cannot be reached. Snapshots are
+    /// node-local until the snapshot store lands, so no other node can resume it.
+    #[error(
+        "sandbox {id} is paused on node {node}, which is {why}; its snapshot is on that \
+         node's disk, so it can be resumed once the node is back"
+    )]
+    SnapshotNodeUnavailable {
+        id: SandboxId,
+        node: String,
+        why: &'static str,
+    },
     #[error(transparent)]
     NoCapacity(#[from] nanobox_scheduler::placement::NoNode),
     /// A call to a node agent failed; the node's own status code is kept.
@@ -63,9 +79,11 @@ impl From<SchedulerError> for Status {
             SchedulerError::SandboxNotFound(_)
             | SchedulerError::SandboxGone(_)
             | SchedulerError::TemplateNotFound(_) => Status::not_found(message),
-            SchedulerError::TemplateNotReady { .. } | SchedulerError::NotRunning { .. } => {
-                Status::failed_precondition(message)
-            }
+            SchedulerError::TemplateNotReady { .. }
+            | SchedulerError::NotRunning { .. }
+            | SchedulerError::Paused { .. }
+            | SchedulerError::NotPaused { .. } => Status::failed_precondition(message),
+            SchedulerError::SnapshotNodeUnavailable { .. } => Status::unavailable(message),
             SchedulerError::NoCapacity(_) => Status::resource_exhausted(message),
             SchedulerError::Node { code, .. } => match code {
                 // A node that cannot be reached or timed out is the caller's UNAVAILABLE;

@@ -23,7 +23,9 @@ fn timestamp(t: SystemTime) -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp::from(t))
 }
 
-/// A recorded sandbox as the API shows it (its observed state).
+/// A recorded sandbox as the API shows it (its observed state). A paused sandbox shows
+/// the node holding its snapshot (snapshots are node-local until the snapshot store
+/// lands) and the snapshot; a resumed one the snapshot it was resumed from.
 pub fn sandbox_proto(r: SandboxRecord) -> v1::Sandbox {
     let running = r.observed_state == nanobox_core::SandboxState::Running;
     v1::Sandbox {
@@ -40,7 +42,7 @@ pub fn sandbox_proto(r: SandboxRecord) -> v1::Sandbox {
         created_at: timestamp(r.created_at),
         expires_at: r.expires_at.and_then(timestamp),
         message: r.message,
-        snapshot_id: String::new(),
+        snapshot_id: r.snapshot_id.or(r.resumed_from).unwrap_or_default(),
         template_digest: r.template_digest,
     }
 }
@@ -126,20 +128,24 @@ impl Sandboxes for Api {
 
     async fn pause(
         &self,
-        _request: Request<v1::PauseSandboxRequest>,
+        request: Request<v1::PauseSandboxRequest>,
     ) -> Result<Response<v1::PauseSandboxResponse>, Status> {
-        Err(Status::unimplemented(
-            "pause needs the snapshot store, which this deployment does not have yet",
-        ))
+        let paused = self.scheduler.pause(&request.into_inner().id).await?;
+        Ok(Response::new(v1::PauseSandboxResponse {
+            sandbox: Some(sandbox_proto(paused.record)),
+            snapshot_time_ms: paused.snapshot_time_ms,
+            snapshot_size_bytes: paused.snapshot_size_bytes,
+        }))
     }
 
     async fn resume(
         &self,
-        _request: Request<v1::ResumeSandboxRequest>,
+        request: Request<v1::ResumeSandboxRequest>,
     ) -> Result<Response<v1::ResumeSandboxResponse>, Status> {
-        Err(Status::unimplemented(
-            "resume needs the snapshot store, which this deployment does not have yet",
-        ))
+        let record = self.scheduler.resume(request.into_inner()).await?;
+        Ok(Response::new(v1::ResumeSandboxResponse {
+            sandbox: Some(sandbox_proto(record)),
+        }))
     }
 }
 

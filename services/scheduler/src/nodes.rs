@@ -2,8 +2,9 @@
 //! memory for placement and routing (Postgres has the durable copy for the Cluster API
 //! and for routing after a restart). Each node has one lazily connected gRPC channel.
 //!
-//! Creates placed on a node and still in flight are reserved here, so a burst of creates
-//! does not overfill a node before its next heartbeat reports them.
+//! Creates (and resumes) placed on a node and still in flight are reserved here, so a
+//! burst of them does not overfill a node before its next heartbeat reports them; a pause
+//! gives its sandbox's share back at once for the same reason.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -148,6 +149,18 @@ impl Nodes {
         }
     }
 
+    /// Takes a sandbox just paused on node `id` out of its allocation until its next
+    /// heartbeat reports the node's own numbers.
+    pub fn sub_allocated(&self, id: &str, need: Need) {
+        if let Some(n) = self.lock().nodes.get_mut(id) {
+            let alloc = n.status.allocated.get_or_insert_with(Default::default);
+            alloc.vcpu = alloc.vcpu.saturating_sub(need.vcpus);
+            alloc.memory_mb = alloc
+                .memory_mb
+                .saturating_sub(u32::try_from(need.memory_mb).unwrap_or(u32::MAX));
+        }
+    }
+
     /// Forgets a node (it was found lost).
     pub fn forget(&self, id: &str) {
         self.lock().nodes.remove(id);
@@ -210,20 +223,22 @@ impl Nodes {
         out
     }
 
-    /// Reserves `need` on node `id` until the returned guard is dropped; also takes one
-    /// ready pool VM of `template` off the node's last report (the create will use it).
-    pub fn reserve(&self, id: &str, template: &str, need: Need) -> Reservation<'_> {
+    /// Reserves `need` on node `id` until the returned guard is dropped; for a create
+    /// (`pool_template` given) also takes one ready pool VM of that template off the
+    /// node's last report (the create will use it). A resume restores its own VM and
+    /// takes none.
+    pub fn reserve(&self, id: &str, pool_template: Option<&str>, need: Need) -> Reservation<'_> {
         let mut inner = self.lock();
         inner.next_reservation += 1;
         let rid = inner.next_reservation;
         if let Some(n) = inner.nodes.get_mut(id) {
             n.reserved.push((rid, need));
-            if let Some(pool) = n
-                .status
-                .pools
-                .iter_mut()
-                .find(|p| p.template == template && p.ready > 0)
-            {
+            if let Some(pool) = pool_template.and_then(|template| {
+                n.status
+                    .pools
+                    .iter_mut()
+                    .find(|p| p.template == template && p.ready > 0)
+            }) {
                 pool.ready -= 1;
             }
         }

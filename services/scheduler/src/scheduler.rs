@@ -1,7 +1,16 @@
 //! The scheduler's operations, between the gRPC edge and the stores: create (validate,
-//! place, record, call the node), route exec/keepalive/delete to the owning node, take in
-//! registrations and heartbeats, and the reconcile pass that drives recorded sandboxes
-//! towards their desired state (lost nodes, deadlines, unfinished deletes).
+//! place, record, call the node), route exec/keepalive/delete/pause/resume to the owning
+//! node, take in registrations and heartbeats, and the reconcile pass that drives recorded
+//! sandboxes towards their desired state (lost nodes, deadlines, unfinished deletes).
+//!
+//! Pause and resume: snapshots are node-local until the snapshot store lands, so a paused
+//! sandbox keeps its node and resumes only there (UNAVAILABLE while that node is away). A
+//! pause is recorded once the node answers; a node report of PAUSED is the same
+//! observation, so a pause cut short by a scheduler restart is adopted from the next
+//! heartbeat. A resume is recorded STARTING first (one of concurrent resumes wins), then
+//! RUNNING with what the node answered, or PAUSED again if the node refused; after a
+//! restart mid-resume, a node reporting the sandbox RUNNING settles it at once, and one
+//! still reporting it PAUSED at the resume's deadline puts it back to PAUSED.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -38,6 +47,16 @@ pub struct Settings {
     pub call_deadline: Duration,
 }
 
+/// What a pause produced.
+#[derive(Debug)]
+pub struct Paused {
+    /// The sandbox, PAUSED, with its snapshot id.
+    pub record: SandboxRecord,
+    /// Milliseconds the node took from pausing the VM to the snapshot being written.
+    pub snapshot_time_ms: u32,
+    pub snapshot_size_bytes: u64,
+}
+
 /// The scheduler: stores, live nodes, settings.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -64,6 +83,15 @@ fn observation(s: &v1::Sandbox) -> SandboxObservation {
         boot_time_ms: (s.boot_time_ms > 0).then_some(s.boot_time_ms),
         expires_at: to_system_time(s.expires_at),
         message: (!s.message.is_empty()).then(|| s.message.clone()),
+    }
+}
+
+/// When the create or resume that put a STARTING sandbox in flight began.
+fn in_flight_since(record: &SandboxRecord) -> SystemTime {
+    if record.resuming() {
+        record.resume_started_at.unwrap_or(record.created_at)
+    } else {
+        record.created_at
     }
 }
 
@@ -153,7 +181,9 @@ impl Scheduler {
         let candidates = self.nodes.candidates(spec.template.as_str(), &digest);
         let order = placement::rank(&candidates, need, &mut rand::rng())?;
         let node_id = candidates[order[0]].id.clone();
-        let reservation = self.nodes.reserve(&node_id, spec.template.as_str(), need);
+        let reservation = self
+            .nodes
+            .reserve(&node_id, Some(spec.template.as_str()), need);
 
         let id = SandboxId::new();
         let (record, created) = self
@@ -236,6 +266,15 @@ impl Scheduler {
         if let Err(e) = self.meta.observe_sandbox(id, &seen).await {
             tracing::warn!(sandbox = %id, error = %e, "recording a failed create");
         }
+        self.destroy_quietly(id, node_id, "cleaning up a failed create")
+            .await;
+        err
+    }
+
+    /// Asks node `node_id` to destroy sandbox `id` (with a paused one, its snapshot), for
+    /// clean-ups nobody waits on. A failure is only logged: the node reports the sandbox
+    /// in a later heartbeat and is told to destroy it then.
+    async fn destroy_quietly(&self, id: &SandboxId, node_id: &str, why: &'static str) {
         if let Ok(mut client) = self.node_client(node_id).await {
             let destroy = node::DestroySandboxRequest {
                 sandbox_id: id.to_string(),
@@ -244,11 +283,9 @@ impl Scheduler {
                 .destroy_sandbox(with_deadline(destroy, self.settings.call_deadline))
                 .await
             {
-                // The node reports it in a heartbeat later and is told to destroy it.
-                tracing::warn!(sandbox = %id, node = %node_id, error = %e, "cleaning up a failed create");
+                tracing::warn!(sandbox = %id, node = %node_id, error = %e, "{why}");
             }
         }
-        err
     }
 
     /// One sandbox, as recorded.
@@ -385,6 +422,7 @@ impl Scheduler {
             .ok_or_else(|| SchedulerError::SandboxNotFound(id.clone()))?;
         let node_id = match (&record.node_id, record.observed_state) {
             (Some(node_id), SandboxState::Running) => node_id.clone(),
+            (_, SandboxState::Paused) => return Err(SchedulerError::Paused { id, what: "exec" }),
             (_, state) => {
                 return Err(SchedulerError::NotRunning {
                     id,
@@ -401,13 +439,10 @@ impl Scheduler {
         Ok(stream.into_inner())
     }
 
-    /// Moves a sandbox's deadline (on its node and in the record).
-    pub async fn keepalive(
-        &self,
-        r: v1::KeepaliveSandboxRequest,
-    ) -> Result<SystemTime, SchedulerError> {
-        let record = self.sandbox(&r.id).await?;
-        let timeout = match r.timeout_sec {
+    /// A lifetime asked for in seconds (0: the sandbox's creation timeout), checked
+    /// against the cluster's maximum.
+    fn lifetime(&self, seconds: u32, record: &SandboxRecord) -> Result<Duration, SchedulerError> {
+        let timeout = match seconds {
             0 => record.timeout,
             s => Duration::from_secs(s.into()),
         };
@@ -421,8 +456,182 @@ impl Scheduler {
                 ),
             });
         }
+        Ok(timeout)
+    }
+
+    /// Pauses a running sandbox: its node snapshots the VM to its own disk and stops it
+    /// (freeing its vCPUs and memory); recorded PAUSED with the snapshot, no deadline.
+    pub async fn pause(&self, id: &str) -> Result<Paused, SchedulerError> {
+        let record = self.sandbox(id).await?;
         let node_id = match (&record.node_id, record.observed_state) {
             (Some(node_id), SandboxState::Running) => node_id.clone(),
+            (_, state) => {
+                return Err(SchedulerError::NotRunning {
+                    id: record.id,
+                    state,
+                    what: "pause",
+                })
+            }
+        };
+        let mut client = self.node_client(&node_id).await?;
+        let request = node::PauseSandboxRequest {
+            sandbox_id: record.id.to_string(),
+        };
+        // Writing the guest's memory out takes as long as a boot may on a slow host.
+        let answer = client
+            .pause_sandbox(with_deadline(request, self.settings.create_deadline))
+            .await
+            .map_err(|s| SchedulerError::node(&node_id, &s))?
+            .into_inner();
+        self.nodes
+            .sub_allocated(&node_id, need_of(&record.resources));
+        let snapshot = (!answer.snapshot_id.is_empty()).then_some(answer.snapshot_id.as_str());
+        let Some(paused) = self.meta.record_pause(&record.id, snapshot).await? else {
+            // Deleted while its node was pausing it: the snapshot is nobody's. (The
+            // delete's own destroy may have run before the pause finished.)
+            self.destroy_quietly(
+                &record.id,
+                &node_id,
+                "deleting the snapshot of a sandbox deleted while pausing",
+            )
+            .await;
+            return Err(SchedulerError::SandboxGone(record.id));
+        };
+        tracing::info!(
+            sandbox = %record.id,
+            node = %node_id,
+            snapshot = %answer.snapshot_id,
+            snapshot_ms = answer.snapshot_time_ms,
+            bytes = answer.size_bytes,
+            "sandbox paused"
+        );
+        Ok(Paused {
+            record: paused,
+            snapshot_time_ms: answer.snapshot_time_ms,
+            snapshot_size_bytes: answer.size_bytes,
+        })
+    }
+
+    /// Resumes a paused sandbox on the node holding its snapshot, with a fresh lifetime
+    /// (`timeout_sec` 0: its creation timeout).
+    pub async fn resume(
+        &self,
+        r: v1::ResumeSandboxRequest,
+    ) -> Result<SandboxRecord, SchedulerError> {
+        let record = self.sandbox(&r.id).await?;
+        if record.observed_state != SandboxState::Paused {
+            return Err(SchedulerError::NotPaused {
+                id: record.id,
+                state: record.observed_state,
+            });
+        }
+        let timeout = self.lifetime(r.timeout_sec, &record)?;
+        let Some(node_id) = record.node_id.clone() else {
+            return Err(SchedulerError::SnapshotNodeUnavailable {
+                id: record.id,
+                node: "(none recorded)".to_owned(),
+                why: "unknown",
+            });
+        };
+        // Snapshots are node-local: no other node can take over, so say which node is
+        // missing rather than try the recorded address and time out.
+        if !self.nodes.knows(&node_id) {
+            let why = match self.meta.get_node(&node_id).await? {
+                Some(n) if n.state == nanobox_core::NodeState::Lost => {
+                    "lost (it stopped heartbeating)"
+                }
+                Some(_) => "not connected to the scheduler",
+                None => "unknown",
+            };
+            return Err(SchedulerError::SnapshotNodeUnavailable {
+                id: record.id,
+                node: node_id,
+                why,
+            });
+        }
+        let Some(started) = self.meta.begin_resume(&record.id).await? else {
+            // A concurrent resume or delete got there first.
+            let now = self.sandbox(&r.id).await?;
+            return Err(SchedulerError::NotPaused {
+                id: now.id,
+                state: now.observed_state,
+            });
+        };
+        let id = started.id.clone();
+        let need = need_of(&started.resources);
+        let reservation = self.nodes.reserve(&node_id, None, need);
+        let call = node::ResumeSandboxRequest {
+            sandbox_id: id.to_string(),
+            snapshot_id: started.snapshot_id.clone().unwrap_or_default(),
+            template: started.template.to_string(),
+            template_digest: started.template_digest.clone(),
+            resources: Some(started.resources.into()),
+            network: Some(started.network.clone().into()),
+            timeout_sec: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
+            metadata: started.metadata.clone().into_iter().collect(),
+            env: started.env.clone().into_iter().collect(),
+        };
+        let answer = match self.node_client(&node_id).await {
+            Ok(mut client) => client
+                .resume_sandbox(with_deadline(call, self.settings.create_deadline))
+                .await
+                .map(|r| r.into_inner().sandbox)
+                .map_err(|s| SchedulerError::node(&node_id, &s)),
+            Err(e) => Err(e),
+        };
+        drop(reservation);
+        let sandbox = match answer {
+            Ok(Some(sandbox)) => sandbox,
+            Ok(None) => {
+                let status = tonic::Status::internal("no sandbox in the answer");
+                return Err(self
+                    .fail_resume(&id, SchedulerError::node(&node_id, &status))
+                    .await);
+            }
+            Err(e) => return Err(self.fail_resume(&id, e).await),
+        };
+        self.nodes.add_allocated(&node_id, need);
+        let mut seen = observation(&sandbox);
+        seen.expires_at = seen
+            .expires_at
+            .or_else(|| Some(SystemTime::now() + timeout));
+        let Some(resumed) = self.meta.record_resumed(&id, &seen).await? else {
+            // Deleted while its node was restoring it.
+            self.destroy_quietly(&id, &node_id, "destroying a sandbox deleted while resuming")
+                .await;
+            return Err(SchedulerError::SandboxGone(id));
+        };
+        tracing::info!(sandbox = %id, node = %node_id, restore_ms = sandbox.boot_time_ms, "sandbox resumed");
+        Ok(resumed)
+    }
+
+    /// Records a resume that failed: PAUSED again (the node still has the snapshot unless
+    /// it said otherwise, and its reports settle that), the error as the message.
+    async fn fail_resume(&self, id: &SandboxId, err: SchedulerError) -> SchedulerError {
+        tracing::warn!(sandbox = %id, error = %err, "resume failed");
+        let message = format!("resume failed: {err}");
+        if let Err(e) = self.meta.abort_resume(id, &message).await {
+            // The reconcile pass settles it from the node's reports at the deadline.
+            tracing::warn!(sandbox = %id, error = %e, "recording a failed resume");
+        }
+        err
+    }
+
+    /// Moves a sandbox's deadline (on its node and in the record).
+    pub async fn keepalive(
+        &self,
+        r: v1::KeepaliveSandboxRequest,
+    ) -> Result<SystemTime, SchedulerError> {
+        let record = self.sandbox(&r.id).await?;
+        let timeout = self.lifetime(r.timeout_sec, &record)?;
+        let node_id = match (&record.node_id, record.observed_state) {
+            (Some(node_id), SandboxState::Running) => node_id.clone(),
+            (_, SandboxState::Paused) => {
+                return Err(SchedulerError::Paused {
+                    id: record.id,
+                    what: "keepalive",
+                })
+            }
             (_, state) => {
                 return Err(SchedulerError::NotRunning {
                     id: record.id,
@@ -555,17 +764,48 @@ impl Scheduler {
                 }
                 continue;
             }
-            // A create in flight records its own result; one older than its deadline was
-            // cut short (a scheduler restart) and is adopted from the node's report.
+            let seen = observation(s);
+            // A report taken before the record last changed (a pause or resume recorded
+            // after the node took its snapshot of state) must not undo that change.
+            let outdated = observed_at.is_some_and(|t| t < record.updated_at);
+            if outdated && seen.state != Some(record.observed_state) {
+                continue;
+            }
+            // A create or resume in flight records its own result; one older than its
+            // deadline was cut short (a scheduler restart) and is adopted from the node's
+            // report. A resume the node reports running is finished whoever records it.
             if record.observed_state == SandboxState::Starting {
                 let age = SystemTime::now()
-                    .duration_since(record.created_at)
+                    .duration_since(in_flight_since(record))
                     .unwrap_or_default();
-                if age < self.settings.create_deadline {
+                let resumed = record.resuming() && seen.state == Some(SandboxState::Running);
+                if age < self.settings.create_deadline && !resumed {
                     continue;
                 }
             }
-            let seen = observation(s);
+            let snapshot = (!s.snapshot_id.is_empty()).then_some(s.snapshot_id.as_str());
+            match seen.state {
+                // Paused on the node (a pause whose answer this scheduler never got, or a
+                // resume that never happened): PAUSED here too, wanted so.
+                Some(SandboxState::Paused) => {
+                    if record.observed_state != SandboxState::Paused
+                        || (record.snapshot_id.is_none() && snapshot.is_some())
+                    {
+                        self.meta.record_pause(&record.id, snapshot).await?;
+                    }
+                    continue;
+                }
+                // Running again after a resume whose answer this scheduler never got.
+                Some(SandboxState::Running)
+                    if record.observed_state == SandboxState::Paused
+                        || record.snapshot_id.is_some()
+                        || record.resuming() =>
+                {
+                    self.meta.record_resumed(&record.id, &seen).await?;
+                    continue;
+                }
+                _ => {}
+            }
             let changed = seen.state != Some(record.observed_state)
                 || seen
                     .expires_at
@@ -575,37 +815,46 @@ impl Scheduler {
                 self.meta.observe_sandbox(&record.id, &seen).await?;
             }
         }
-        // Sandboxes recorded running here that the node no longer has.
+        // Sandboxes recorded running (or paused) here that the node no longer has.
         for record in &records {
             let stale = observed_at.is_none_or(|t| record.updated_at < t);
-            // A create cut short (the scheduler restarted while it was in flight) that the
-            // node never reported by its deadline: it failed. It is also no longer wanted,
-            // so a VM the node reports for it later is destroyed, not adopted.
+            // A create or resume cut short (the scheduler restarted while it was in
+            // flight) that the node never reported by its deadline: it failed. It is also
+            // no longer wanted, so a VM the node reports for it later is destroyed, not
+            // adopted.
             if record.observed_state == SandboxState::Starting
                 && !reported.contains(record.id.as_str())
                 && stale
             {
                 let age = SystemTime::now()
-                    .duration_since(record.created_at)
+                    .duration_since(in_flight_since(record))
                     .unwrap_or_default();
                 if age >= self.settings.create_deadline {
                     self.meta
                         .set_sandbox_desired(&record.id, SandboxState::Stopped)
                         .await?;
+                    let what = if record.resuming() {
+                        "resume"
+                    } else {
+                        "create"
+                    };
                     let seen = SandboxObservation {
                         state: Some(SandboxState::Failed),
                         ip: Some(String::new()),
-                        message: Some(
-                            "its create was interrupted and the node never reported it".to_owned(),
-                        ),
+                        message: Some(format!(
+                            "its {what} was interrupted and the node never reported it"
+                        )),
                         ..Default::default()
                     };
                     self.meta.observe_sandbox(&record.id, &seen).await?;
                     continue;
                 }
             }
-            if record.observed_state == SandboxState::Running
-                && !reported.contains(record.id.as_str())
+            // A paused sandbox the node no longer reports has lost its snapshot with it.
+            if matches!(
+                record.observed_state,
+                SandboxState::Running | SandboxState::Paused
+            ) && !reported.contains(record.id.as_str())
                 && stale
             {
                 let seen = SandboxObservation {
