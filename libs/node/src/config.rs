@@ -59,6 +59,8 @@ pub struct NodeConfig {
     /// Records (`vms/`), copy-on-write disks (`disks/`), VMM run directories (`run/`) and
     /// the template cache (`templates/`) live here.
     pub state_dir: PathBuf,
+    /// Where paused sandboxes' snapshots (memory and device state) are kept.
+    pub snapshot_dir: PathBuf,
     /// The guest kernel.
     pub kernel: PathBuf,
     pub capacity: Capacity,
@@ -92,6 +94,7 @@ impl NodeConfig {
     pub fn new(node_id: impl Into<String>, state_dir: PathBuf, kernel: PathBuf) -> Self {
         Self {
             node_id: node_id.into(),
+            snapshot_dir: state_dir.join("snapshots"),
             state_dir,
             kernel,
             capacity: Capacity {

@@ -16,6 +16,7 @@ pub mod cgroup;
 mod config;
 mod error;
 mod node;
+mod pause;
 mod pool;
 pub mod record;
 mod templates;
@@ -29,4 +30,5 @@ pub use node::{
     Allocation, CachedTemplateStatus, CreateRequest, Created, Node, NodeStatus, PoolStatus,
     SandboxInfo,
 };
+pub use pause::{Paused, ResumeRequest};
 pub use templates::{ResolvedTemplate, Templates};

@@ -17,7 +17,7 @@ use crate::vm::{now_ms, BootedVm, Booter, VmShape};
 use crate::{NodeConfig, NodeError, ResolvedTemplate, Templates};
 
 /// How long a configure call to a fresh guest may take.
-const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Destroyed, expired and lost sandboxes stay visible this long (so callers learn why).
 const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 /// At most this many tombstones are kept.
@@ -43,6 +43,8 @@ pub struct SandboxInfo {
     pub expires_at: SystemTime,
     /// Why it stopped, failed or was lost.
     pub message: String,
+    /// The snapshot it is paused in; empty unless paused.
+    pub snapshot_id: String,
 }
 
 /// What a create asks for.
@@ -104,12 +106,22 @@ pub struct NodeStatus {
 
 /// A running sandbox.
 pub(crate) struct Sandbox {
-    vm: Box<dyn Vm>,
-    agent: AgentClient,
-    record: Mutex<VmRecord>,
-    info: Mutex<SandboxInfo>,
+    pub(crate) vm: Box<dyn Vm>,
+    pub(crate) agent: AgentClient,
+    pub(crate) record: Mutex<VmRecord>,
+    pub(crate) info: Mutex<SandboxInfo>,
     /// Keeps the template in the cache while the sandbox runs.
-    _template: nanobox_node_storage::CachedTemplate,
+    pub(crate) _template: nanobox_node_storage::CachedTemplate,
+}
+
+/// A sandbox paused into a snapshot on local disk: no VM and no vCPUs or memory, only
+/// its disk and snapshot, until it is resumed or destroyed. Paused sandboxes do not
+/// expire, and survive restarts of the agent.
+pub(crate) struct PausedSandbox {
+    pub(crate) record: VmRecord,
+    pub(crate) info: SandboxInfo,
+    /// A resume or destroy of it is under way.
+    pub(crate) busy: bool,
 }
 
 /// A booted VM waiting in a pool.
@@ -131,6 +143,7 @@ pub(crate) struct Inner {
     pub(crate) cache: TemplateCache,
     pub(crate) templates: Templates,
     pub(crate) sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
+    pub(crate) paused: Mutex<HashMap<SandboxId, PausedSandbox>>,
     /// Ids whose create is under way (a second create of one waits for nothing: it is
     /// refused, and a retry after the first finished gets the sandbox).
     pub(crate) creating: Mutex<std::collections::HashSet<SandboxId>>,
@@ -143,7 +156,7 @@ pub(crate) struct Inner {
 /// Sandboxes on this machine; cheap to clone.
 #[derive(Clone)]
 pub struct Node {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Node {
@@ -154,12 +167,12 @@ impl std::fmt::Debug for Node {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The data is plain bookkeeping; a panic elsewhere must not wedge the node.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn system_time(ms: u64) -> SystemTime {
+pub(crate) fn system_time(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
@@ -213,6 +226,7 @@ impl Node {
             cache,
             templates: Templates::new(meta),
             sandboxes: Mutex::new(HashMap::new()),
+            paused: Mutex::new(HashMap::new()),
             creating: Mutex::new(std::collections::HashSet::new()),
             tombstones: Mutex::new(VecDeque::new()),
             pools: Mutex::new(HashMap::new()),
@@ -236,11 +250,20 @@ impl Node {
         self.inner.booter.backend.kind().as_str()
     }
 
-    /// Destroys every VM a previous run left (records and stray files alike).
+    /// Destroys every VM a previous run left (records and stray files alike); paused
+    /// sandboxes have none and stay paused.
     async fn recover(&self) -> Result<(), NodeError> {
         let booter = &self.inner.booter;
-        let records = booter.records.load_all()?;
-        for record in &records {
+        let mut records = booter.records.load_all()?;
+        let mut keep = Vec::new();
+        for record in &mut records {
+            if let Some(id) = self.inner.recover_paused(record).await {
+                keep.push(record.disk.clone());
+                keep.push(self.inner.config.snapshot_dir.join(&record.vm_id));
+                let entry = crate::pause::paused_from_record(&id, record.clone());
+                lock(&self.inner.paused).insert(id, entry);
+                continue;
+            }
             tracing::warn!(vm = %record.vm_id, sandbox = ?record.sandbox_id, "destroying a VM left by a previous run");
             booter.teardown(None, record).await;
             if let Some(id) = record
@@ -267,11 +290,18 @@ impl Node {
         }
         // Files no record names: a crash between creating them and recording them is
         // impossible (records come first), but stray files from older versions are not.
-        for dir in ["disks", "run"] {
-            let path = self.inner.config.state_dir.join(dir);
+        let config = &self.inner.config;
+        for path in [
+            config.state_dir.join("disks"),
+            config.state_dir.join("run"),
+            config.snapshot_dir.clone(),
+        ] {
             if let Ok(entries) = std::fs::read_dir(&path) {
                 for entry in entries.flatten() {
                     let p = entry.path();
+                    if keep.contains(&p) {
+                        continue;
+                    }
                     let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir_all(&p));
                 }
             }
@@ -304,6 +334,11 @@ impl Node {
                 sandbox: lock(&existing.info).clone(),
                 from_pool: false,
             });
+        }
+        if lock(&inner.paused).contains_key(&id) {
+            return Err(NodeError::FailedPrecondition(format!(
+                "sandbox {id} exists and is paused; resume it"
+            )));
         }
         if !lock(&inner.creating).insert(id.clone()) {
             return Err(NodeError::FailedPrecondition(format!(
@@ -410,6 +445,9 @@ impl Node {
         if let Some(sandbox) = lock(&self.inner.sandboxes).get(id) {
             return Ok(lock(&sandbox.info).clone());
         }
+        if let Some(paused) = lock(&self.inner.paused).get(id) {
+            return Ok(paused.info.clone());
+        }
         lock(&self.inner.tombstones)
             .iter()
             .rev()
@@ -424,6 +462,7 @@ impl Node {
             .values()
             .map(|s| lock(&s.info).clone())
             .collect();
+        all.extend(lock(&self.inner.paused).values().map(|p| p.info.clone()));
         let running: std::collections::HashSet<SandboxId> =
             all.iter().map(|s| s.id.clone()).collect();
         all.extend(
@@ -436,8 +475,11 @@ impl Node {
         all
     }
 
-    /// Destroys a sandbox; `Ok(false)` if it was not running here.
+    /// Destroys a sandbox, running or paused; `Ok(false)` if it was neither here.
     pub async fn destroy(&self, id: &SandboxId) -> Result<bool, NodeError> {
+        if let Some(result) = self.inner.destroy_paused(id, "destroyed").await {
+            return result.map(|()| true);
+        }
         Ok(self
             .inner
             .destroy(id, SandboxState::Stopped, "destroyed")
@@ -573,18 +615,18 @@ pub(crate) fn rate_limit(rate: u64) -> nanobox_vmm::RateLimit {
     }
 }
 
-fn vm_id_for(id: &SandboxId) -> String {
+pub(crate) fn vm_id_for(id: &SandboxId) -> String {
     id.as_str().to_ascii_lowercase()
 }
 
-fn guest_error(id: &SandboxId, e: &nanobox_guest_client::AgentError) -> NodeError {
+pub(crate) fn guest_error(id: &SandboxId, e: &nanobox_guest_client::AgentError) -> NodeError {
     NodeError::Guest {
         id: id.to_string(),
         message: crate::describe(e),
     }
 }
 
-fn info_from_record(id: &SandboxId, record: &VmRecord) -> SandboxInfo {
+pub(crate) fn info_from_record(id: &SandboxId, record: &VmRecord) -> SandboxInfo {
     SandboxInfo {
         id: id.clone(),
         template: record.template.clone(),
@@ -604,13 +646,23 @@ fn info_from_record(id: &SandboxId, record: &VmRecord) -> SandboxInfo {
         created_at: system_time(record.created_at_ms),
         expires_at: system_time(record.expires_at_ms),
         message: String::new(),
+        snapshot_id: record
+            .snapshot
+            .as_ref()
+            .map(|s| s.id.clone())
+            .unwrap_or_default(),
     }
 }
 
 impl Inner {
-    fn running(&self, id: &SandboxId) -> Result<Arc<Sandbox>, NodeError> {
+    pub(crate) fn running(&self, id: &SandboxId) -> Result<Arc<Sandbox>, NodeError> {
         if let Some(sandbox) = lock(&self.sandboxes).get(id) {
             return Ok(sandbox.clone());
+        }
+        if lock(&self.paused).contains_key(id) {
+            return Err(NodeError::FailedPrecondition(format!(
+                "sandbox {id} is paused; resume it first"
+            )));
         }
         match lock(&self.tombstones)
             .iter()
@@ -625,8 +677,40 @@ impl Inner {
         }
     }
 
+    /// Brings a paused sandbox of a previous run back: whatever a crash mid-pause left
+    /// running goes, its disk and snapshot stay. `None` (and nothing touched) if the
+    /// record is not of a usable paused sandbox.
+    async fn recover_paused(&self, record: &mut VmRecord) -> Option<SandboxId> {
+        let id = SandboxId::parse(record.sandbox_id.as_deref()?).ok()?;
+        let snapshot = record.snapshot.as_ref()?;
+        // The record is input from disk: only the place this node puts snapshots is
+        // ever used (or deleted).
+        let expected = self.config.snapshot_dir.join(&record.vm_id);
+        let usable = snapshot.dir == expected
+            && !snapshot.restoring
+            && expected.is_dir()
+            && record.disk.is_file()
+            && record.disk.parent() == Some(self.config.state_dir.join("disks").as_path());
+        if !usable {
+            if snapshot.dir != expected {
+                record.snapshot = None;
+            }
+            return None;
+        }
+        self.booter.release_vm(None, record).await;
+        record.pid = None;
+        record.cgroups.clear();
+        record.netns = None;
+        record.ip.clear();
+        if let Err(e) = self.booter.records.put(record) {
+            tracing::warn!(sandbox = %id, error = %e, "paused record not updated");
+        }
+        tracing::info!(sandbox = %id, "paused sandbox kept across the restart");
+        Some(id)
+    }
+
     /// Records a gone (or going) sandbox, replacing an earlier entry for it.
-    fn tombstone(&self, info: SandboxInfo) {
+    pub(crate) fn tombstone(&self, info: SandboxInfo) {
         let mut tombstones = lock(&self.tombstones);
         tombstones.retain(|(_, gone)| gone.id != info.id);
         let now = Instant::now();

@@ -48,6 +48,27 @@ pub struct VmRecord {
     pub network_mode: String,
     pub ip: String,
     pub boot_time_ms: u32,
+    /// How the disk was cloned from the template (so a restore knows its format).
+    #[serde(default)]
+    pub disk_method: Option<nanobox_node_storage::CowMethod>,
+    /// Set while the sandbox is paused: its VM is gone, its disk and this snapshot stay.
+    #[serde(default)]
+    pub snapshot: Option<SnapshotRecord>,
+}
+
+/// A paused sandbox's snapshot on local disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: String,
+    /// The directory holding the VMM's state files.
+    pub dir: PathBuf,
+    /// State plus disk bytes on local storage.
+    pub size_bytes: u64,
+    pub taken_at_ms: u64,
+    /// A restore from it was started: if the guest ran, its disk has moved on and the
+    /// snapshot is no longer consistent with it (recovery then gives the sandbox up).
+    #[serde(default)]
+    pub restoring: bool,
 }
 
 /// The directory of records.
@@ -168,6 +189,8 @@ mod tests {
             network_mode: "isolated".into(),
             ip: String::new(),
             boot_time_ms: 0,
+            disk_method: None,
+            snapshot: None,
         }
     }
 

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use nanobox_core::NetworkMode;
 use nanobox_guest_client::AgentClient;
-use nanobox_node_storage::{clone_rootfs_async, CachedTemplate, CloneOptions, CowClone};
-use nanobox_vmm::{connect_agent, DriveSpec, RateLimit, Vm, VmBackend, VmSpec};
+use nanobox_node_storage::{clone_rootfs_async, CachedTemplate, CloneOptions, CowClone, CowMethod};
+use nanobox_vmm::{connect_agent, DiskFormat, DriveSpec, RateLimit, Vm, VmBackend, VmSpec};
 
 use crate::cgroup::{self, CgroupLayout, Limits};
-use crate::record::{RecordStore, VmRecord};
+use crate::record::{RecordStore, SnapshotRecord, VmRecord};
 use crate::{NodeConfig, NodeError, ResolvedTemplate};
 
 /// How long a VMM gets to exit after being asked before it is killed.
@@ -120,6 +120,8 @@ impl Booter {
             network_mode: mode.as_str().to_owned(),
             ip: String::new(),
             boot_time_ms: 0,
+            disk_method: None,
+            snapshot: None,
         };
         // The record first: a crash from here on leaves a note of what may exist.
         self.records.put(&record)?;
@@ -188,7 +190,95 @@ impl Booter {
             NodeError::Internal(format!("cloning the template: {}", crate::describe(&e)))
         })?;
         tracing::debug!(vm = %record.vm_id, method = %disk.method, "disk cloned");
+        record.disk_method = Some(disk.method);
+        let (agent, boot_time) = self
+            .start(
+                record,
+                &disk,
+                None,
+                vm_slot,
+                network_slot,
+                rate_limit,
+                tenant_scope,
+            )
+            .await?;
+        Ok((agent, disk, boot_time))
+    }
 
+    /// Starts a VM from a paused sandbox's snapshot, over the disk the snapshot left,
+    /// with a new network (the guest keeps its inside address), cgroups and run
+    /// directory. On failure everything but the disk, the snapshot and the record is
+    /// removed again; `Err((_, true))` means the guest ran, so the disk no longer
+    /// matches the snapshot.
+    pub async fn restore(
+        &self,
+        record: &mut VmRecord,
+        snapshot: &SnapshotRecord,
+        cached: CachedTemplate,
+        rate_limit: Option<RateLimit>,
+        tenant_scope: Option<&str>,
+    ) -> Result<BootedVm, (NodeError, bool)> {
+        let method = record.disk_method.unwrap_or(CowMethod::SparseCopy);
+        let disk = CowClone {
+            path: record.disk.clone(),
+            method,
+            format: match method {
+                CowMethod::Qcow2 => DiskFormat::Qcow2,
+                CowMethod::Reflink | CowMethod::SparseCopy => DiskFormat::Raw,
+            },
+            disk_bytes: std::fs::metadata(&record.disk).map_or(0, |m| m.len()),
+        };
+        let mut vm: Option<Box<dyn Vm>> = None;
+        let mut network = None;
+        let result = self
+            .start(
+                record,
+                &disk,
+                Some(&snapshot.dir),
+                &mut vm,
+                &mut network,
+                rate_limit,
+                tenant_scope,
+            )
+            .await;
+        match (result, vm) {
+            (Ok((agent, boot_time)), Some(vm)) => Ok(BootedVm {
+                vm,
+                network,
+                agent,
+                record: record.clone(),
+                disk,
+                template: cached,
+                boot_time,
+            }),
+            (Ok(_), None) => {
+                self.release_vm(None, record).await;
+                Err((
+                    NodeError::Internal("restored without a VM".to_owned()),
+                    false,
+                ))
+            }
+            (Err(e), vm) => {
+                // The VMM only runs the guest once the restore went through.
+                let ran = vm.is_some();
+                self.release_vm(vm, record).await;
+                Err((e, ran))
+            }
+        }
+    }
+
+    /// Network, VMM (booted, or restored from `snapshot`), cgroups, agent connection.
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        &self,
+        record: &mut VmRecord,
+        disk: &CowClone,
+        snapshot: Option<&Path>,
+        vm_slot: &mut Option<Box<dyn Vm>>,
+        network_slot: &mut Option<nanobox_net::SandboxNetwork>,
+        rate_limit: Option<RateLimit>,
+        tenant_scope: Option<&str>,
+    ) -> Result<(AgentClient, Duration), NodeError> {
         let mut spec = VmSpec::new(
             record.vm_id.clone(),
             self.config.kernel.clone(),
@@ -228,14 +318,18 @@ impl Booter {
             *network_slot = Some(sandbox_net);
         }
         let started = Instant::now();
-        let vm = self
-            .backend
-            .launch(spec)
-            .await
-            .map_err(|e| NodeError::Unavailable {
-                context: "starting the VMM",
-                message: crate::describe(&e),
-            })?;
+        let launched = match snapshot {
+            None => self.backend.launch(spec).await,
+            Some(dir) => self.backend.restore(spec, dir).await,
+        };
+        let vm = launched.map_err(|e| NodeError::Unavailable {
+            context: if snapshot.is_some() {
+                "restoring the VM from its snapshot"
+            } else {
+                "starting the VMM"
+            },
+            message: crate::describe(&e),
+        })?;
         record.pid = vm.pid();
         let vm = vm_slot.insert(vm);
         if let Some(pid) = record.pid {
@@ -256,11 +350,24 @@ impl Booter {
             })?;
         let boot_time = started.elapsed();
         record.boot_time_ms = u32::try_from(boot_time.as_millis()).unwrap_or(u32::MAX);
-        Ok((agent, disk, boot_time))
+        Ok((agent, boot_time))
     }
 
     /// Stops the VM (if any) and removes everything the record names, then the record.
     pub async fn teardown(&self, vm: Option<Box<dyn Vm>>, record: &VmRecord) {
+        self.release_vm(vm, record).await;
+        remove_path(&record.disk);
+        if let Some(snapshot) = &record.snapshot {
+            remove_dir(&snapshot.dir);
+        }
+        if let Err(e) = self.records.remove(&record.vm_id) {
+            tracing::warn!(vm = %record.vm_id, error = %e, "record not removed");
+        }
+    }
+
+    /// Stops the VM (if any) and removes what only a running VM has: its cgroups,
+    /// network and run directory. The disk, any snapshot and the record stay.
+    pub async fn release_vm(&self, vm: Option<Box<dyn Vm>>, record: &VmRecord) {
         if let Some(vm) = vm {
             if let Err(e) = vm.stop(STOP_GRACE).await {
                 tracing::debug!(vm = %record.vm_id, error = %e, "stop failed; killing");
@@ -276,15 +383,11 @@ impl Booter {
                 tracing::warn!(vm = %record.vm_id, error = %e, "sandbox network not removed");
             }
         }
-        remove_path(&record.disk);
         remove_dir(&record.run_dir);
-        if let Err(e) = self.records.remove(&record.vm_id) {
-            tracing::warn!(vm = %record.vm_id, error = %e, "record not removed");
-        }
     }
 }
 
-fn remove_path(path: &Path) {
+pub(crate) fn remove_path(path: &Path) {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -292,7 +395,7 @@ fn remove_path(path: &Path) {
     }
 }
 
-fn remove_dir(path: &Path) {
+pub(crate) fn remove_dir(path: &Path) {
     match std::fs::remove_dir_all(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -307,6 +307,33 @@ memory_mb = 128
             pss.push(pss_mib(record["pid"].as_u64().unwrap() as u32));
         }
     }
+    // Pause each idle sandbox into a snapshot and resume it, timing both calls; a
+    // resumed sandbox answers an exec before it counts.
+    let mut pause = Vec::new();
+    let mut resume = Vec::new();
+    let mut snapshot_mib = Vec::new();
+    for id in &ids {
+        let started = Instant::now();
+        let paused = client
+            .pause_sandbox(node::PauseSandboxRequest {
+                sandbox_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pause.push(ms(started.elapsed()));
+        snapshot_mib.push(paused.size_bytes as f64 / f64::from(1 << 20));
+        let started = Instant::now();
+        client
+            .resume_sandbox(node::ResumeSandboxRequest {
+                sandbox_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        exec_true(&mut client, id).await;
+        resume.push(ms(started.elapsed()));
+    }
     for id in &ids {
         destroy(&mut client, id).await;
     }
@@ -322,6 +349,9 @@ memory_mb = 128
             "cold_create_ms": cold,
             "bare_boot_ms": bare,
             "idle_pss_mib": pss,
+            "pause_ms": pause,
+            "resume_ms": resume,
+            "snapshot_mib": snapshot_mib,
         })
     );
 }

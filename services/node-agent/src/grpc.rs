@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use nanobox_core::{ExecSpec, SandboxId, SandboxSpec};
 use nanobox_guest_client::ExecEvent;
-use nanobox_node::{CreateRequest, Node, NodeError, SandboxInfo};
+use nanobox_node::{CreateRequest, Node, NodeError, ResumeRequest, SandboxInfo};
 use nanobox_proto::node::v1 as node;
 use nanobox_proto::node::v1::node_agent_server::NodeAgent;
 use nanobox_proto::{convert, v1};
@@ -82,9 +82,12 @@ pub fn sandbox_to_proto(node_id: &str, s: SandboxInfo) -> v1::Sandbox {
         env: s.env.into_iter().collect(),
         metadata: s.metadata.into_iter().collect(),
         created_at: timestamp(s.created_at),
-        expires_at: timestamp(s.expires_at),
+        // A paused sandbox has no deadline.
+        expires_at: (s.state != nanobox_core::SandboxState::Paused)
+            .then(|| timestamp(s.expires_at))
+            .flatten(),
         message: s.message,
-        snapshot_id: String::new(),
+        snapshot_id: s.snapshot_id,
         template_digest: s.template_digest,
     }
 }
@@ -359,20 +362,45 @@ impl NodeAgent for NodeAgentService {
 
     async fn pause_sandbox(
         &self,
-        _request: Request<node::PauseSandboxRequest>,
+        request: Request<node::PauseSandboxRequest>,
     ) -> Result<Response<node::PauseSandboxResponse>, Status> {
-        Err(Status::unimplemented(
-            "pause needs the snapshot store, which this deployment does not have yet",
-        ))
+        let r = request.into_inner();
+        let id = convert::sandbox_id("sandbox_id", &r.sandbox_id)?;
+        let paused = self.node.pause(&id).await.map_err(status)?;
+        Ok(Response::new(node::PauseSandboxResponse {
+            snapshot_id: paused.snapshot_id,
+            size_bytes: paused.size_bytes,
+            snapshot_time_ms: u32::try_from(paused.snapshot_time.as_millis()).unwrap_or(u32::MAX),
+        }))
     }
 
     async fn resume_sandbox(
         &self,
-        _request: Request<node::ResumeSandboxRequest>,
+        request: Request<node::ResumeSandboxRequest>,
     ) -> Result<Response<node::ResumeSandboxResponse>, Status> {
-        Err(Status::unimplemented(
-            "resume needs the snapshot store, which this deployment does not have yet",
-        ))
+        let r = request.into_inner();
+        let id = convert::sandbox_id("sandbox_id", &r.sandbox_id)?;
+        // The sandbox's size, template and environment are the ones it was paused with
+        // (they live in its memory); the network mode must match too. Only the
+        // lifetime, the egress limit and the tenant scope are the caller's to set.
+        let network = match r.network {
+            Some(n) => Some(convert::network_or_default(Some(n))?),
+            None => None,
+        };
+        let request = ResumeRequest {
+            snapshot_id: r.snapshot_id,
+            timeout: (r.timeout_sec != 0).then(|| Duration::from_secs(r.timeout_sec.into())),
+            network_mode: network.as_ref().map(|n| n.mode()),
+            egress_rate_bps: network.as_ref().and_then(|n| n.egress_rate_bps()),
+            tenant_scope: network
+                .as_ref()
+                .and_then(|n| n.tenant_scope())
+                .map(str::to_owned),
+        };
+        let sandbox = self.node.resume(&id, request).await.map_err(status)?;
+        Ok(Response::new(node::ResumeSandboxResponse {
+            sandbox: Some(sandbox_to_proto(&self.node.config().node_id, sandbox)),
+        }))
     }
 
     async fn get_node_status(

@@ -93,7 +93,55 @@ async fn internet_reaches_out_isolated_reaches_nothing() {
         "an isolated guest has no network device: {out}"
     );
 
+    // Paused and resumed, the sandbox gets a new namespace and device; the guest keeps
+    // its inside address and reaches out as before.
     let mut client = stack.client().await;
+    client
+        .pause_sandbox(node::PauseSandboxRequest {
+            sandbox_id: online.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        stack.sandbox_namespaces().len(),
+        1,
+        "a paused sandbox has no network"
+    );
+    let resumed = client
+        .resume_sandbox(node::ResumeSandboxRequest {
+            sandbox_id: online.id.clone(),
+            network: with_mode(v1::NetworkMode::Internet).network,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert!(resumed.ip.starts_with("10.100."), "{resumed:?}");
+    let (out, err, code) = stack.sh(&online.id, fetch).await;
+    assert_eq!(
+        (out.as_str(), code),
+        ("hello from the internet\n", 0),
+        "{err}"
+    );
+    // It cannot come back in another mode: its guest was configured for this one.
+    client
+        .pause_sandbox(node::PauseSandboxRequest {
+            sandbox_id: online.id.clone(),
+        })
+        .await
+        .unwrap();
+    let err = client
+        .resume_sandbox(node::ResumeSandboxRequest {
+            sandbox_id: online.id.clone(),
+            network: with_mode(v1::NetworkMode::Isolated).network,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
     for id in [&online.id, &offline.id] {
         client
             .destroy_sandbox(node::DestroySandboxRequest {

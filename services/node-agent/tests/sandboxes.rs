@@ -436,3 +436,152 @@ async fn files_in_and_out() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("header"), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_keeps_processes_and_survives_an_agent_restart() {
+    let mut stack = Stack::start("").await;
+    let id = stack
+        .create(create_request(TEMPLATE))
+        .await
+        .sandbox
+        .unwrap()
+        .id;
+    // A process that exists only in the guest's memory: a cold boot would not have it.
+    let (out, _, code) = stack
+        .sh(
+            &id,
+            "setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!",
+        )
+        .await;
+    assert_eq!(code, 0);
+    let pid: u32 = out.trim().parse().unwrap();
+    let mut client = stack.client().await;
+    fn failed_precondition<T>(r: Result<T, tonic::Status>, what: &str) -> String {
+        let e = r.err().unwrap_or_else(|| panic!("{what} succeeded"));
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{what}: {e:?}");
+        e.message().to_owned()
+    }
+
+    let paused = client
+        .pause_sandbox(node::PauseSandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(paused.snapshot_id.starts_with("snap-"), "{paused:?}");
+    assert!(paused.size_bytes > 0, "{paused:?}");
+    let get = |client: &mut node::node_agent_client::NodeAgentClient<_>| {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move {
+            client
+                .get_sandbox(node::GetSandboxRequest { sandbox_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .sandbox
+                .unwrap()
+        }
+    };
+    let got = get(&mut client).await;
+    assert_eq!(got.state(), SandboxState::Paused);
+    assert_eq!(got.snapshot_id, paused.snapshot_id);
+    assert_eq!(got.expires_at, None, "a paused sandbox has no deadline");
+    // Paused, it holds no VM, vCPUs or memory.
+    assert!(stack.vmm_processes().is_empty());
+    let allocated = stack.status().await.allocated.unwrap();
+    assert_eq!(
+        (allocated.vcpu, allocated.memory_mb),
+        (0, 0),
+        "{allocated:?}"
+    );
+
+    let message = failed_precondition(
+        stack
+            .client()
+            .await
+            .exec(v1::ExecRequest {
+                id: id.clone(),
+                command: "true".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "exec while paused",
+    );
+    assert!(message.contains("paused"), "{message}");
+    failed_precondition(
+        client
+            .keepalive(node::KeepaliveRequest {
+                sandbox_id: id.clone(),
+                timeout_sec: 60,
+            })
+            .await,
+        "keepalive while paused",
+    );
+    failed_precondition(
+        client
+            .pause_sandbox(node::PauseSandboxRequest {
+                sandbox_id: id.clone(),
+            })
+            .await,
+        "pausing twice",
+    );
+
+    // A paused sandbox is only files: it survives a kill -9 of the agent.
+    stack.agent.take().unwrap().kill9();
+    stack.start_agent();
+    let mut client = stack.client().await;
+    assert_eq!(get(&mut client).await.state(), SandboxState::Paused);
+
+    let mut resume = node::ResumeSandboxRequest {
+        sandbox_id: id.clone(),
+        snapshot_id: "snap-elsewhere".into(),
+        ..Default::default()
+    };
+    let err = client.resume_sandbox(resume.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    resume.snapshot_id = paused.snapshot_id.clone();
+    resume.timeout_sec = 120;
+    let resumed = client
+        .resume_sandbox(resume.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(resumed.state(), SandboxState::Running);
+    assert!(resumed.snapshot_id.is_empty());
+    assert!(resumed.boot_time_ms > 0);
+    let (out, _, code) = stack.sh(&id, &format!("kill -0 {pid} && hostname")).await;
+    assert_eq!((out.trim(), code), (id.as_str(), 0), "the process lived on");
+    // Its snapshot is gone: the guest has run since, so it no longer matches the disk.
+    assert!(stack.leftovers("snapshots").is_empty());
+    failed_precondition(
+        client.resume_sandbox(resume).await,
+        "resuming a running sandbox",
+    );
+
+    // Paused again, then destroyed: nothing is left.
+    client
+        .pause_sandbox(node::PauseSandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    client
+        .destroy_sandbox(node::DestroySandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(get(&mut client).await.state(), SandboxState::Stopped);
+    for sub in ["vms", "disks", "run", "snapshots"] {
+        assert!(
+            stack.leftovers(sub).is_empty(),
+            "{sub}: {:?}",
+            stack.leftovers(sub)
+        );
+    }
+}

@@ -6,7 +6,9 @@
 //! same kernel and rootfs to the init's READY, alternating in one run), `cow_ms` (median
 //! clone time of a 1 GiB template per method: reflink on an XFS file system with reflinks,
 //! qcow2 and the sparse copy on the workspace's file system), `idle_pss_mib` (median PSS of
-//! a VMM with 10 idle 128 MiB sandboxes) and `destroy_ms_p50`.
+//! a VMM with 10 idle 128 MiB sandboxes), `destroy_ms_p50`, and for those 10 sandboxes
+//! `pause_ms_p50` (pause into a node-local snapshot), `resume_ms_p50` (resume to the first
+//! exec's result; compare with `cold_create_ms_median`) and `snapshot_mib` (median size).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -170,8 +172,15 @@ fn run(guest: &Guest, work: &Path) -> anyhow::Result<()> {
     let cold = samples("cold_create_ms");
     let bare = samples("bare_boot_ms");
     let pss = samples("idle_pss_mib");
+    let pause = samples("pause_ms");
+    let resume = samples("resume_ms");
+    let snapshot_mib = samples("snapshot_mib");
     anyhow::ensure!(
-        !pool.is_empty() && !cold.is_empty() && !bare.is_empty() && !pss.is_empty(),
+        !pool.is_empty()
+            && !cold.is_empty()
+            && !bare.is_empty()
+            && !pss.is_empty()
+            && !resume.is_empty(),
         "node_bench returned no samples: {raw}"
     );
     let ratio = median(&cold) / median(&bare);
@@ -182,6 +191,9 @@ fn run(guest: &Guest, work: &Path) -> anyhow::Result<()> {
         "cow_ms": cow_ms,
         "idle_pss_mib": round3(median(&pss)),
         "destroy_ms_p50": round3(percentile(&destroy, 50.0)),
+        "pause_ms_p50": round3(percentile(&pause, 50.0)),
+        "resume_ms_p50": round3(percentile(&resume, 50.0)),
+        "snapshot_mib": round3(median(&snapshot_mib)),
         "cold_create_ms_median": round3(median(&cold)),
         "bare_boot_ms_median": round3(median(&bare)),
         "samples": raw,
@@ -213,5 +225,8 @@ fn run(guest: &Guest, work: &Path) -> anyhow::Result<()> {
         median(&pss)
     );
     row("destroy_ms_p50", percentile(&destroy, 50.0));
+    row("pause_ms_p50", percentile(&pause, 50.0));
+    row("resume_ms_p50", percentile(&resume, 50.0));
+    row("snapshot_mib", median(&snapshot_mib));
     write_result("node", &result)
 }

@@ -182,6 +182,12 @@ pub fn build_args(
     drive.push(escape_commas(&spec.rootfs.path));
     if spec.rootfs.read_only {
         drive.push(",readonly=on");
+    } else {
+        // Open the image read-write now, while QEMU still runs as root. With `-drive`'s
+        // default (auto-read-only=on) an image that does not need write permission yet
+        // (an incoming migration: a restore) is opened read-only and re-opened
+        // read-write on `cont`, after `-runas` has dropped the rights to do so.
+        drive.push(",auto-read-only=off");
     }
     if spec.rootfs.ephemeral {
         drive.push(",snapshot=on");
@@ -252,6 +258,7 @@ mod tests {
             "-netdev tap,id=net0,ifname=nbx-tap0,script=no,downscript=no",
             "-device virtio-net-device,netdev=net0,mac=52:54:00:12:34:56",
             "id=root,if=none,format=qcow2,",
+            ",auto-read-only=off",
         ] {
             assert!(line.contains(want), "missing {want:?} in {line}");
         }

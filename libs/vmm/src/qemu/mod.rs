@@ -98,6 +98,15 @@ fn create_run_dir(path: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().mode(0o700).create(path)
 }
 
+/// Hands `dir` to `user` (QEMU's `-runas` user), for the snapshot writer QEMU starts.
+fn give_to_user(dir: &Path, user: &str) -> Result<(), VmmError> {
+    let found = nix::unistd::User::from_name(user)
+        .map_err(|e| VmmError::Control(format!("looking up user {user}: {e}")))?
+        .ok_or_else(|| VmmError::Control(format!("user {user} does not exist")))?;
+    nix::unistd::chown(dir, Some(found.uid), Some(found.gid))
+        .map_err(|e| VmmError::io(format!("handing {} to {user}", dir.display()), e.into()))
+}
+
 fn bind_listener(path: &Path) -> Result<OwnedFd, VmmError> {
     let listener = std::os::unix::net::UnixListener::bind(path)
         .map_err(|e| VmmError::io(format!("binding {}", path.display()), e))?;
@@ -262,6 +271,7 @@ impl QemuBackend {
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
             ephemeral_disk: spec.rootfs.ephemeral,
+            run_as: self.cfg.run_as.clone(),
         })
     }
 }
@@ -396,6 +406,9 @@ pub struct QemuVm {
     memory_mib: u32,
     vcpus: u8,
     ephemeral_disk: bool,
+    /// The user QEMU runs as (`-runas`): the migration helper it starts to write a
+    /// snapshot runs as that user, so the snapshot directory must be theirs.
+    run_as: Option<String>,
 }
 
 impl std::fmt::Debug for ActorCommand {
@@ -500,6 +513,9 @@ impl Vm for QemuVm {
             let uri = snapshot::save_uri(dir)?;
             std::fs::create_dir_all(dir)
                 .map_err(|e| VmmError::io(format!("creating {}", dir.display()), e))?;
+            if let Some(user) = &self.run_as {
+                give_to_user(dir, user)?;
+            }
             self.qmp("stop", None).await?;
             self.qmp("migrate", Some(snapshot::migrate_args(&uri)))
                 .await?;
