@@ -2,8 +2,12 @@
 //! its own network namespace, node-a with a warm pool, both with small capacities), the
 //! gateway, real guests under QEMU. Bad input over REST gets the right code and a message
 //! naming the problem; creates fill the pooled node and then go to the other; REST and a
-//! tonic client see the same sandboxes; the scheduler killed with -9 and restarted while a
-//! create is in flight keeps every existing sandbox working and leaves no orphan VM. And,
+//! tonic client see the same sandboxes; a sandbox paused over REST keeps a process and a
+//! file that live only in its memory through its resume, frees its node's share while
+//! paused, and refuses exec and keepalive meanwhile (400, saying it is paused); the
+//! scheduler killed with -9 and restarted while a create is in flight, and with a resume
+//! cut short after the node got it, keeps every existing sandbox working, adopts the
+//! resumed sandbox from the node's report and leaves no orphan VM. And,
 //! with the template-builder and a local registry, the issue's Debian + Node.js image is
 //! warmed up over REST and runs `node -e` in a sandbox on one of the two nodes.
 //!
@@ -321,7 +325,18 @@ netns_prefix = "{prefix}s-"
 
 /// Polls `GET path` until `done` holds for the answer (hang guard: [`SETTLE`]).
 async fn wait_for(client: &Client, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + SETTLE;
+    wait_within(client, path, what, SETTLE, done).await
+}
+
+/// [`wait_for`] with another hang guard.
+async fn wait_within(
+    client: &Client,
+    path: &str,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + limit;
     loop {
         let answer = client.get(path).await;
         if answer.status == 200 && done(&answer.json) {
@@ -387,9 +402,9 @@ async fn scheduler_ids(client: &Client) -> BTreeSet<String> {
     scheduler_sandboxes(client).await.into_keys().collect()
 }
 
-/// The ids of the sandboxes a node agent runs (its own `ListSandboxes`, STOPPED ones left
-/// out).
-async fn node_ids(agent: &Agent) -> BTreeSet<String> {
+/// The sandboxes a node agent holds (its own `ListSandboxes`, STOPPED ones left out), with
+/// their states as the REST API names them.
+async fn node_sandboxes(agent: &Agent) -> BTreeMap<String, String> {
     let mut client = NodeAgentClient::connect(format!("http://{}", agent.process.addr))
         .await
         .unwrap();
@@ -405,8 +420,192 @@ async fn node_ids(agent: &Agent) -> BTreeSet<String> {
         .sandboxes
         .into_iter()
         .filter(|s| s.state() != v1::SandboxState::Stopped)
-        .map(|s| s.id)
+        .map(|s| (s.id.clone(), s.state().as_str_name().to_owned()))
         .collect()
+}
+
+/// The ids of the sandboxes a node agent holds, STOPPED ones left out.
+async fn node_ids(agent: &Agent) -> BTreeSet<String> {
+    node_sandboxes(agent).await.into_keys().collect()
+}
+
+/// Resumes the sandbox of `record` on `agent` directly (a node-agent call with the
+/// service token, as the scheduler makes it).
+async fn resume_on_node(agent: &Agent, record: &nanobox_store::metadata::SandboxRecord) {
+    let mut client = NodeAgentClient::connect(format!("http://{}", agent.process.addr))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(node::ResumeSandboxRequest {
+        sandbox_id: record.id.to_string(),
+        snapshot_id: record.snapshot_id.clone().unwrap(),
+        template: record.template.to_string(),
+        template_digest: record.template_digest.clone(),
+        resources: Some(record.resources.into()),
+        network: Some(record.network.clone().into()),
+        timeout_sec: 600,
+        metadata: Default::default(),
+        env: Default::default(),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let resumed = client
+        .resume_sandbox(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(resumed.state(), v1::SandboxState::Running, "{resumed:?}");
+}
+
+/// Pauses `id` (on node-b, its only sandbox) over REST and resumes it: a process and a
+/// tmpfs file that exist only in the guest's memory survive; while paused, exec and
+/// keepalive get 400 saying it is paused (REST and gRPC), it is listed, counted and shown
+/// with its snapshot, and node-b reports its share free.
+async fn pause_and_resume_over_rest(
+    client: &Client,
+    grpc: &mut SandboxesClient<tonic::transport::Channel>,
+    id: &str,
+) {
+    let started = client
+        .post(
+            &format!("/api/v1/sandboxes/{id}/exec"),
+            r#"{"command": "sh", "args": ["-c", "setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!; echo kept > /dev/shm/x"]}"#,
+        )
+        .await;
+    assert_eq!(started.json["exit_code"], 0, "{started:?}");
+    let pid: u32 = started.json["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let allocated_mb = |nodes: &Value| {
+        nodes["nodes"][1]["allocated"]["memory_mb"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = allocated_mb(&client.get("/api/v1/nodes").await.json);
+
+    let paused = client
+        .post(&format!("/api/v1/sandboxes/{id}/pause"), "{}")
+        .await;
+    assert_eq!(paused.status, 200, "{paused:?}");
+    let sandbox = &paused.json["sandbox"];
+    assert_eq!(sandbox["state"], "SANDBOX_STATE_PAUSED", "{paused:?}");
+    assert_eq!(sandbox["id"], id, "{paused:?}");
+    assert_eq!(sandbox["node_id"], "node-b", "{paused:?}");
+    let snapshot = sandbox["snapshot_id"].as_str().unwrap().to_owned();
+    assert!(!snapshot.is_empty(), "{paused:?}");
+    assert!(sandbox["expires_at"].is_null(), "{paused:?}");
+    let size: u64 = match &paused.json["snapshot_size_bytes"] {
+        Value::String(s) => s.parse().unwrap(),
+        other => other.as_u64().unwrap(),
+    };
+    assert!(size > 0, "{paused:?}");
+
+    // Exec and keepalive are refused, over REST and gRPC alike.
+    let exec = client
+        .post(
+            &format!("/api/v1/sandboxes/{id}/exec"),
+            r#"{"command": "true"}"#,
+        )
+        .await;
+    assert_error(
+        &exec,
+        400,
+        "FAILED_PRECONDITION",
+        "is paused; resume it first",
+    );
+    assert!(
+        exec.json["message"].as_str().unwrap().contains(id),
+        "{exec:?}"
+    );
+    let keepalive = client
+        .post(
+            &format!("/api/v1/sandboxes/{id}/keepalive"),
+            r#"{"timeout_sec": 60}"#,
+        )
+        .await;
+    assert_error(
+        &keepalive,
+        400,
+        "FAILED_PRECONDITION",
+        "is paused; resume it first",
+    );
+    let err = grpc
+        .exec(v1::ExecRequest {
+            id: id.to_owned(),
+            command: "true".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("is paused"), "{err:?}");
+    let over_grpc = grpc
+        .get(v1::GetSandboxRequest { id: id.to_owned() })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(over_grpc.state(), v1::SandboxState::Paused);
+    assert_eq!(over_grpc.snapshot_id, snapshot);
+
+    // Listed and counted as paused; node-b gives its memory back.
+    let listed = client
+        .get("/api/v1/sandboxes?state=SANDBOX_STATE_PAUSED")
+        .await;
+    assert_eq!(listed.status, 200, "{listed:?}");
+    assert_eq!(listed.json["sandboxes"][0]["id"], id, "{listed:?}");
+    assert_eq!(
+        listed.json["sandboxes"].as_array().unwrap().len(),
+        1,
+        "{listed:?}"
+    );
+    let stats = client.get("/api/v1/stats").await;
+    assert_eq!(stats.json["sandboxes_by_state"]["PAUSED"], 1, "{stats:?}");
+    wait_for(client, "/api/v1/nodes", "node-b's share freed", |v| {
+        allocated_mb(v) + 128 == before
+    })
+    .await;
+
+    // Resumed over REST: running on node-b, and what lived in memory is still there.
+    let resumed = client
+        .post(&format!("/api/v1/sandboxes/{id}/resume"), "{}")
+        .await;
+    assert_eq!(resumed.status, 200, "{resumed:?}");
+    assert_eq!(
+        resumed.json["state"], "SANDBOX_STATE_RUNNING",
+        "{resumed:?}"
+    );
+    assert_eq!(resumed.json["node_id"], "node-b", "{resumed:?}");
+    assert_eq!(resumed.json["snapshot_id"], snapshot, "{resumed:?}");
+    assert!(!resumed.json["expires_at"].is_null(), "{resumed:?}");
+    let memory = client
+        .post(
+            &format!("/api/v1/sandboxes/{id}/exec"),
+            &format!(r#"{{"command": "sh", "args": ["-c", "kill -0 {pid} && cat /dev/shm/x"]}}"#),
+        )
+        .await;
+    assert_eq!(memory.status, 200, "{memory:?}");
+    assert_eq!(
+        (
+            memory.json["stdout"].as_str(),
+            memory.json["exit_code"].as_i64()
+        ),
+        (Some("kept\n"), Some(0)),
+        "{memory:?}"
+    );
+    let kept = client
+        .post(
+            &format!("/api/v1/sandboxes/{id}/keepalive"),
+            r#"{"timeout_sec": 600}"#,
+        )
+        .await;
+    assert_eq!(kept.status, 200, "{kept:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -505,6 +704,11 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
             .contains("node-b: "),
         "{too_big:?}"
     );
+    let unknown = nanobox_core::SandboxId::new().to_string();
+    let pause_unknown = client
+        .post(&format!("/api/v1/sandboxes/{unknown}/pause"), "{}")
+        .await;
+    assert_error(&pause_unknown, 404, "NOT_FOUND", &unknown);
 
     // Placement: the pooled node until it is full, then the other.
     // (A pool VM's memory counts as allocated, so each create waits for the refill.)
@@ -526,6 +730,15 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
     for id in [&id1, &id2, &id3] {
         exec_echo(&client, id, "hi").await;
     }
+    let resume_running = client
+        .post(&format!("/api/v1/sandboxes/{id1}/resume"), "{}")
+        .await;
+    assert_error(
+        &resume_running,
+        400,
+        "FAILED_PRECONDITION",
+        "RUNNING; resume needs it PAUSED",
+    );
 
     // REST and gRPC see the same sandboxes; nodes and stats tell the truth.
     let over_grpc: BTreeSet<String> = grpc
@@ -574,7 +787,16 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
         "exec after delete: {after:?}"
     );
 
-    // Restart the scheduler (kill -9) with a create in flight.
+    pause_and_resume_over_rest(&client, &mut grpc, &id3).await;
+
+    // Restart the scheduler (kill -9) with a create in flight, and with a resume cut
+    // short between the scheduler recording it and recording its answer.
+    let paused = grpc
+        .pause(v1::PauseSandboxRequest { id: id3.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.sandbox.unwrap().state(), v1::SandboxState::Paused);
     let in_flight = {
         let gateway_addr = gateway.addr.clone();
         tokio::spawn(async move {
@@ -598,6 +820,17 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     stack.scheduler.as_mut().unwrap().kill();
+    // Exactly what a scheduler killed mid-resume leaves: the record STARTING (as Resume
+    // writes it before calling the node) and the node, which got the call, running the
+    // sandbox again.
+    let resuming = stack
+        .meta()
+        .await
+        .begin_resume(&nanobox_core::SandboxId::parse(&id3).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    resume_on_node(&agent_b, &resuming).await;
     stack.start_scheduler();
     let (status, body) = in_flight.await.unwrap();
     // Either it completed or it failed cleanly (an error answer, not a hang).
@@ -612,6 +845,34 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
         both_ready,
     )
     .await;
+
+    // The restarted scheduler adopts the resume from node-b's report, without waiting
+    // out the resume's deadline (180 s at least: this hang guard is shorter).
+    let adopted = wait_within(
+        &client,
+        &format!("/api/v1/sandboxes/{id3}"),
+        "the interrupted resume adopted as RUNNING",
+        Duration::from_secs(90),
+        |v| v["state"] == "SANDBOX_STATE_RUNNING",
+    )
+    .await;
+    assert_eq!(
+        adopted["snapshot_id"],
+        resuming.snapshot_id.clone().unwrap(),
+        "{adopted}"
+    );
+    assert!(!adopted["expires_at"].is_null(), "{adopted}");
+    assert_eq!(
+        node_sandboxes(&agent_b).await.get(&id3).map(String::as_str),
+        Some("SANDBOX_STATE_RUNNING")
+    );
+    let memory = client
+        .post(
+            &format!("/api/v1/sandboxes/{id3}/exec"),
+            r#"{"command": "cat", "args": ["/dev/shm/x"]}"#,
+        )
+        .await;
+    assert_eq!(memory.json["stdout"], "kept\n", "{memory:?}");
 
     // Existing sandboxes keep working and are listed after the restart.
     let listed = scheduler_ids(&client).await;

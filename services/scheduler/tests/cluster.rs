@@ -1,8 +1,10 @@
 //! The scheduler end to end: Postgres, two real node agents (each in its own network
 //! namespace, one with a warm pool), the scheduler, real guests under QEMU. Creates are
 //! placed (the pool first), exec/get/list/keepalive/delete go through the scheduler, bad
-//! input gets the right codes, internal calls need the service token, and a node killed
-//! with -9 gets no new sandboxes while its sandboxes become LOST.
+//! input gets the right codes, internal calls need the service token, a sandbox paused
+//! and resumed through the scheduler keeps its processes and memory (and frees its node's
+//! capacity while paused), and a node killed with -9 gets no new sandboxes while its
+//! running sandboxes become LOST and its paused ones cannot resume (UNAVAILABLE).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -32,6 +34,9 @@ memory_mb = 128
 "#
     )
 }
+
+/// sb1's lifetime: what a keepalive or resume with timeout 0 gives it again.
+const CREATION_TIMEOUT_SEC: u32 = 300;
 
 fn expires(s: &v1::Sandbox) -> SystemTime {
     SystemTime::try_from(s.expires_at.unwrap()).unwrap()
@@ -112,10 +117,21 @@ async fn two_nodes_place_route_and_lose_a_node() {
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     assert!(err.message().contains(&unknown), "{err:?}");
     let err = api
-        .pause(v1::PauseSandboxRequest { id: unknown })
+        .pause(v1::PauseSandboxRequest {
+            id: unknown.clone(),
+        })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains(&unknown), "{err:?}");
+    let err = api
+        .resume(v1::ResumeSandboxRequest {
+            id: unknown.clone(),
+            timeout_sec: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
 
     // Internal calls need the service token.
     let mut registry = node::node_registry_client::NodeRegistryClient::connect(format!(
@@ -157,6 +173,7 @@ async fn two_nodes_place_route_and_lose_a_node() {
     let mut request = small(TEMPLATE);
     request.env = [("GREETING".to_owned(), "hello".to_owned())].into();
     request.metadata = [("owner".to_owned(), "test".to_owned())].into();
+    request.timeout_sec = CREATION_TIMEOUT_SEC;
     let sb1 = api
         .create(request)
         .await
@@ -223,6 +240,8 @@ async fn two_nodes_place_route_and_lose_a_node() {
     let kept = SystemTime::try_from(kept.expires_at.unwrap()).unwrap();
     assert!(kept > expires(&sb1) + Duration::from_secs(3000), "{kept:?}");
 
+    pause_and_resume(&cluster, &sb1).await;
+
     // Idempotent create, then delete it (twice: NOT_FOUND) and exec on it.
     let mut keyed = small(TEMPLATE);
     keyed.request_id = "request-1".into();
@@ -286,7 +305,29 @@ async fn two_nodes_place_route_and_lose_a_node() {
     assert_eq!((stats.nodes_total, stats.nodes_ready), (2, 2));
     assert_eq!((stats.templates_total, stats.templates_ready), (2, 1));
 
-    // node-a dies without a word: it becomes LOST, so does its sandbox, and new
+    // A sandbox paused on node-a when it dies: (node-a's pool VM makes it land there.)
+    cluster
+        .wait_nodes(
+            "node-a's pool refilled",
+            Duration::from_secs(240),
+            |nodes| nodes[0].ready_pool.get(TEMPLATE) == Some(&1),
+        )
+        .await;
+    let sb_paused = api
+        .create(small(TEMPLATE))
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(sb_paused.node_id, "node-a", "{sb_paused:?}");
+    api.pause(v1::PauseSandboxRequest {
+        id: sb_paused.id.clone(),
+    })
+    .await
+    .unwrap();
+
+    // node-a dies without a word: it becomes LOST, so does its running sandbox, and new
     // sandboxes go to node-b.
     cluster.agent("node-a").process.kill9();
     cluster
@@ -305,6 +346,30 @@ async fn two_nodes_place_route_and_lose_a_node() {
     assert!(lost.message.contains("heartbeat"), "{lost:?}");
     let err = cluster.sh(&sb1.id, "true").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // Its paused sandbox stays PAUSED (the snapshot is on node-a's disk), but only node-a
+    // can resume it.
+    let still = api
+        .get(v1::GetSandboxRequest {
+            id: sb_paused.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(still.state(), SandboxState::Paused, "{still:?}");
+    let err = api
+        .resume(v1::ResumeSandboxRequest {
+            id: sb_paused.id.clone(),
+            timeout_sec: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("node node-a") && err.message().contains("lost"),
+        "{err:?}"
+    );
     let sb3 = api
         .create(small(TEMPLATE))
         .await
@@ -327,4 +392,206 @@ async fn two_nodes_place_route_and_lose_a_node() {
         .sandbox
         .unwrap();
     assert_eq!(deleted.state(), SandboxState::Stopped, "{deleted:?}");
+    // Deleting the paused one cannot reach node-a: STOPPING, then STOPPED once the
+    // reconcile pass gives up on the lost node (which destroys it if it ever returns).
+    let deleted = api
+        .delete(v1::DeleteSandboxRequest {
+            id: sb_paused.id.clone(),
+            delete_snapshot: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert!(
+        matches!(
+            deleted.state(),
+            SandboxState::Stopping | SandboxState::Stopped
+        ),
+        "{deleted:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = api
+            .get(v1::GetSandboxRequest {
+                id: sb_paused.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .sandbox
+            .unwrap();
+        if got.state() == SandboxState::Stopped {
+            assert!(got.snapshot_id.is_empty(), "{got:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Pauses `sb` (running on node-a) and resumes it through the scheduler: a process and
+/// a tmpfs file that exist only in the guest's memory survive, exec and keepalive on the
+/// paused sandbox are refused as paused, and node-a's allocation gives its share back.
+async fn pause_and_resume(cluster: &Cluster, sb: &v1::Sandbox) {
+    let mut api = cluster.sandboxes().await;
+    let (out, err, code) = cluster
+        .sh(
+            &sb.id,
+            "setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!; echo kept > /dev/shm/x",
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let pid: u32 = out.trim().parse().unwrap();
+    // Capacity: measured with node-a's pool full, so nothing else moves its numbers.
+    let before = cluster
+        .wait_nodes(
+            "node-a's pool refilled",
+            Duration::from_secs(240),
+            |nodes| nodes[0].ready_pool.get(TEMPLATE) == Some(&1),
+        )
+        .await[0]
+        .allocated
+        .unwrap();
+
+    let paused = api
+        .pause(v1::PauseSandboxRequest { id: sb.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let record = paused.sandbox.clone().unwrap();
+    assert_eq!(record.state(), SandboxState::Paused, "{paused:?}");
+    assert!(!record.snapshot_id.is_empty(), "{paused:?}");
+    assert_eq!(record.node_id, "node-a", "{paused:?}");
+    assert!(record.ip.is_empty(), "{paused:?}");
+    assert!(record.expires_at.is_none(), "{paused:?}");
+    assert!(paused.snapshot_size_bytes > 0, "{paused:?}");
+    let got = api
+        .get(v1::GetSandboxRequest { id: sb.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(
+        (got.state(), got.snapshot_id.as_str()),
+        (SandboxState::Paused, record.snapshot_id.as_str())
+    );
+    let listed = api
+        .list(v1::ListSandboxesRequest {
+            state: SandboxState::Paused.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let stats = cluster
+        .cluster()
+        .await
+        .get_stats(v1::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert_eq!(
+        stats.sandboxes_by_state.get("PAUSED"),
+        Some(&1),
+        "{stats:?}"
+    );
+    // A paused sandbox holds no vCPUs or memory on its node.
+    cluster
+        .wait_nodes(
+            "node-a reports the paused sandbox's share free",
+            Duration::from_secs(30),
+            |nodes| {
+                let now = nodes[0].allocated.unwrap();
+                now.vcpu + sb.resources.unwrap().vcpu == before.vcpu
+                    && now.memory_mb + sb.resources.unwrap().memory_mb == before.memory_mb
+            },
+        )
+        .await;
+
+    // It has no VM: exec, keepalive and a second pause are refused, naming the state.
+    let err = cluster.sh(&sb.id, "true").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("is paused; resume it first"),
+        "{err:?}"
+    );
+    let err = api
+        .keepalive(v1::KeepaliveSandboxRequest {
+            id: sb.id.clone(),
+            timeout_sec: 60,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("is paused; resume it first"),
+        "{err:?}"
+    );
+    let err = api
+        .pause(v1::PauseSandboxRequest { id: sb.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("PAUSED"), "{err:?}");
+    let err = api
+        .resume(v1::ResumeSandboxRequest {
+            id: sb.id.clone(),
+            timeout_sec: 999_999,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Resumed with its creation timeout (not the keepalive's), on the node holding the
+    // snapshot.
+    let lifetime = Duration::from_secs(CREATION_TIMEOUT_SEC.into());
+    let asked = SystemTime::now();
+    let resumed = api
+        .resume(v1::ResumeSandboxRequest {
+            id: sb.id.clone(),
+            timeout_sec: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    let answered = SystemTime::now();
+    assert_eq!(resumed.state(), SandboxState::Running, "{resumed:?}");
+    assert_eq!(resumed.node_id, "node-a", "{resumed:?}");
+    assert_eq!(resumed.snapshot_id, record.snapshot_id, "{resumed:?}");
+    assert!(resumed.boot_time_ms > 0, "{resumed:?}");
+    // (A second either side for the timestamps' rounding.)
+    let slack = Duration::from_secs(1);
+    assert!(
+        expires(&resumed) + slack >= asked + lifetime
+            && expires(&resumed) <= answered + lifetime + slack,
+        "resumed until {:?}, asked at {asked:?}, answered at {answered:?}",
+        expires(&resumed)
+    );
+    let (out, err, code) = cluster
+        .sh(&sb.id, &format!("kill -0 {pid} && cat /dev/shm/x"))
+        .await
+        .unwrap();
+    assert_eq!((out.as_str(), code), ("kept\n", 0), "{err}");
+    let err = api
+        .resume(v1::ResumeSandboxRequest {
+            id: sb.id.clone(),
+            timeout_sec: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("RUNNING; resume needs it PAUSED"),
+        "{err:?}"
+    );
 }
