@@ -86,3 +86,14 @@ pub fn reflection(served: &[&'static str]) -> tonic_reflection::server::Builder<
         .chain(COMMON_SERVICES.iter())
         .fold(builder, |b, name| b.with_service_name(*name))
 }
+
+/// The connections a gRPC server accepts on `listener`, with Nagle's algorithm off.
+///
+/// A gRPC reply is several small HTTP/2 frames (headers, data, trailers) written one
+/// after another; with Nagle on, the later ones wait for the peer's delayed ACK, up to
+/// 40 ms on Linux, on every call. `serve_with_incoming` ignores the server builder's own
+/// `tcp_nodelay`, so services that bind their listener themselves (to print the address
+/// of port 0) must set it here.
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}

@@ -101,6 +101,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // On SIGTERM the server stops accepting and lets calls in flight finish, but no longer
     // than DRAIN_TIMEOUT: a streamed exec could otherwise hold the exit for hours.
     let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+    // Nagle off: a reply's head and body are separate writes, and the body would
+    // otherwise wait for the client's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     let server = axum::serve(listener, gateway.router()).with_graceful_shutdown(async move {
         nanobox_telemetry::shutdown_signal().await;
         let _ = stopping.send(true);

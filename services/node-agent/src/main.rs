@@ -295,7 +295,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             nanobox_scheduler::auth::ServerAuth::new(token),
         ))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            nanobox_proto::incoming(listener),
             nanobox_telemetry::shutdown_signal(),
         )
         .await

@@ -144,7 +144,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .add_service(ClusterServer::with_interceptor(api.clone(), api_keys))
         .add_service(NodeRegistryServer::with_interceptor(api, server_auth))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            nanobox_proto::incoming(listener),
             nanobox_telemetry::shutdown_signal(),
         )
         .await

@@ -234,7 +234,7 @@ async fn serve(config: Config, legacy_flags: bool) -> anyhow::Result<()> {
             api_keys,
         ))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            nanobox_proto::incoming(listener),
             nanobox_telemetry::shutdown_signal(),
         )
         .await
