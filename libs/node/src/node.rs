@@ -389,7 +389,7 @@ impl Node {
         let (booted, from_pool) = match pooled {
             Some(booted) => (booted, true),
             None => {
-                inner.reserve(vcpus, memory_mb, true)?;
+                crate::pool::reserve_for_sandbox(inner, vcpus, memory_mb).await?;
                 let booted = async {
                     let cached = inner
                         .cache

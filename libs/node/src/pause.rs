@@ -300,7 +300,8 @@ impl Inner {
                 false,
             ));
         };
-        self.reserve(record.vcpus, record.memory_mb, true)
+        crate::pool::reserve_for_sandbox(self, record.vcpus, record.memory_mb)
+            .await
             .map_err(|e| (e, false))?;
         let cached = async {
             let name = nanobox_core::TemplateName::new(&record.template).map_err(|e| {

@@ -155,11 +155,80 @@ async fn boot_one(
     }
 }
 
-async fn retire(inner: &Arc<Inner>, pooled: Pooled) {
+async fn retire(inner: &Inner, pooled: Pooled) {
     let booted = pooled.booted;
     let (vcpus, memory) = (booted.record.vcpus, booted.record.memory_mb);
     inner.booter.teardown(Some(booted.vm), &booted.record).await;
     inner.release(vcpus, memory, false);
+}
+
+/// Takes capacity for a sandbox that needs its own boot, retiring ready pooled VMs
+/// (the longest idle first, of any template) when vCPUs or memory are short and
+/// retiring them would make enough room: a VM booted ahead of time must not turn away a
+/// sandbox someone is asking for now. The refill loop boots them again once there is
+/// room. Nothing is retired for a create that would not fit anyway.
+pub(crate) async fn reserve_for_sandbox(
+    inner: &Inner,
+    vcpus: u32,
+    memory_mb: u32,
+) -> Result<(), NodeError> {
+    loop {
+        let short = match inner.reserve(vcpus, memory_mb, true) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let Some(victims) = victims_for(inner, vcpus, memory_mb) else {
+            return Err(short);
+        };
+        for victim in victims {
+            tracing::info!(vm = %victim.booted.record.vm_id, "retiring a pooled VM to make room for a sandbox");
+            retire(inner, victim).await;
+        }
+    }
+}
+
+/// Takes out of their pools the fewest ready VMs (oldest first) whose capacity, with
+/// what is free, fits `vcpus` and `memory_mb`; `None` if even all of them would not (or
+/// the sandbox slots are full, which pooled VMs do not hold).
+fn victims_for(inner: &Inner, vcpus: u32, memory_mb: u32) -> Option<Vec<Pooled>> {
+    let capacity = inner.config.capacity;
+    let mut pools = lock(&inner.pools);
+    let allocated = *lock(&inner.allocated);
+    if allocated.sandboxes >= capacity.max_sandboxes {
+        return None;
+    }
+    let mut free_vcpus = capacity.vcpus.saturating_sub(allocated.vcpus);
+    let mut free_memory = capacity.memory_mb.saturating_sub(allocated.memory_mb);
+    let mut ready: Vec<(Instant, nanobox_core::TemplateName, usize)> = pools
+        .iter()
+        .flat_map(|(name, pool)| {
+            pool.ready
+                .iter()
+                .enumerate()
+                .map(move |(i, p)| (p.ready_at, name.clone(), i))
+        })
+        .collect();
+    ready.sort_by_key(|(at, _, _)| *at);
+    let mut chosen = Vec::new();
+    for (_, name, i) in ready {
+        if free_vcpus >= vcpus && free_memory >= u64::from(memory_mb) {
+            break;
+        }
+        let record = &pools.get(&name)?.ready.get(i)?.booted.record;
+        free_vcpus += record.vcpus;
+        free_memory += u64::from(record.memory_mb);
+        chosen.push((name, i));
+    }
+    if chosen.is_empty() || free_vcpus < vcpus || free_memory < u64::from(memory_mb) {
+        return None;
+    }
+    // Highest index first, so that removing one does not move the others.
+    chosen.sort_by_key(|(_, i)| std::cmp::Reverse(*i));
+    let victims = chosen
+        .into_iter()
+        .filter_map(|(name, i)| pools.get_mut(&name).map(|pool| pool.ready.remove(i)))
+        .collect();
+    Some(victims)
 }
 
 /// Destroys every pooled VM (shutdown).

@@ -100,3 +100,46 @@ memory_mb = 128
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_vms_make_room_for_a_sandbox_that_needs_its_own_boot() {
+    // 384 MiB: two pooled 128 MiB VMs leave 128, too little for a 256 MiB sandbox.
+    let stack = Stack::start_with(
+        &format!(
+            r#"
+[pool]
+replenish_interval_sec = 1
+max_idle_sec = 3600
+
+[[pool.templates]]
+name = "{TEMPLATE}"
+min_ready = 2
+max_ready = 2
+vcpus = 1
+memory_mb = 128
+"#
+        ),
+        &[("NANOBOX__AGENT__CAPACITY_MEMORY_MB", "384")],
+    )
+    .await;
+    let ready = |n: u32| move |s: &nanobox_proto::node::v1::NodeStatus| s.pools[0].ready == n;
+    stack
+        .wait_status("two VMs booted ahead", Duration::from_secs(240), ready(2))
+        .await;
+    let mut big = create_request(TEMPLATE);
+    big.resources = Some(nanobox_proto::v1::Resources {
+        vcpu: 1,
+        memory_mb: 256,
+        disk_mb: 0,
+    });
+    let created = stack.create(big.clone()).await;
+    assert!(!created.from_pool);
+    let status = stack.status().await;
+    assert_eq!(status.pools[0].ready, 1, "one pooled VM was retired for it");
+    assert_eq!(status.allocated.unwrap().memory_mb, 384);
+    // Sandboxes are never evicted: with the node full of them, a create is refused.
+    let err = stack.client().await.create_sandbox(big).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let status = stack.status().await;
+    assert_eq!(status.sandboxes.len(), 1);
+}
