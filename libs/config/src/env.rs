@@ -83,6 +83,7 @@ pub(crate) const KEYS: &[(&str, &str, Kind)] = &[
     ("oci", "max_parallel", Int),
     ("pool", "replenish_interval_sec", Int),
     ("pool", "max_idle_sec", Int),
+    ("pool", "max_parallel_boots", Int),
     ("database", "url", Str),
     ("object_store", "location", Str),
     ("scheduler", "heartbeat_interval_ms", Int),

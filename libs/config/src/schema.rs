@@ -535,6 +535,10 @@ pub struct PoolConfig {
     pub replenish_interval_sec: u64,
     /// How long a warm VM may wait unused before it is recycled, in seconds. Default 600.
     pub max_idle_sec: u64,
+    /// Pool VMs booted at once; 0 picks one per four host cores (at least one). Refills
+    /// are background work: they also wait (a moment, never long) while creates are in
+    /// flight on the node. Default 0.
+    pub max_parallel_boots: u32,
     /// One entry per pooled template (`[[pool.templates]]`). Default none.
     pub templates: Vec<PoolTemplate>,
 }
@@ -544,6 +548,7 @@ impl Default for PoolConfig {
         Self {
             replenish_interval_sec: 5,
             max_idle_sec: 600,
+            max_parallel_boots: 0,
             templates: Vec::new(),
         }
     }

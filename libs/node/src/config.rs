@@ -39,6 +39,8 @@ pub struct PoolConfig {
     pub replenish_interval: Duration,
     /// A ready VM unused for this long is retired (and replaced while under min_ready).
     pub max_idle: Duration,
+    /// Pool VMs booted at once (at least one).
+    pub max_parallel_boots: usize,
     pub targets: Vec<PoolTarget>,
 }
 
@@ -47,6 +49,7 @@ impl Default for PoolConfig {
         Self {
             replenish_interval: Duration::from_secs(5),
             max_idle: Duration::from_secs(600),
+            max_parallel_boots: 1,
             targets: Vec::new(),
         }
     }

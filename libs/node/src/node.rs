@@ -151,6 +151,10 @@ pub(crate) struct Inner {
     pub(crate) pools: Mutex<HashMap<TemplateName, PoolState>>,
     pub(crate) allocated: Mutex<Allocation>,
     pub(crate) refill: Arc<Notify>,
+    /// Permits for pool boots running at once.
+    pub(crate) pool_boots: tokio::sync::Semaphore,
+    /// Woken when the last create in flight ends (pool boots wait for that, briefly).
+    pub(crate) creates_idle: Notify,
 }
 
 /// Sandboxes on this machine; cheap to clone.
@@ -214,6 +218,7 @@ impl Node {
         if cgroups == CgroupLayout::Unavailable {
             tracing::warn!("no writable cgroup cpu/memory controllers: VMs are limited by their own vCPU and memory settings only");
         }
+        let pool_boots = tokio::sync::Semaphore::new(config.pool.max_parallel_boots.max(1));
         let inner = Arc::new(Inner {
             booter: Booter {
                 config: config.clone(),
@@ -232,6 +237,8 @@ impl Node {
             pools: Mutex::new(HashMap::new()),
             allocated: Mutex::new(Allocation::default()),
             refill: Arc::new(Notify::new()),
+            pool_boots,
+            creates_idle: Notify::new(),
         });
         let node = Self { inner };
         node.recover().await?;
@@ -346,7 +353,14 @@ impl Node {
             )));
         }
         let result = self.create_new(&id, &request, timeout).await;
-        lock(&inner.creating).remove(&id);
+        let idle = {
+            let mut creating = lock(&inner.creating);
+            creating.remove(&id);
+            creating.is_empty()
+        };
+        if idle {
+            inner.creates_idle.notify_waiters();
+        }
         result
     }
 

@@ -12,6 +12,10 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use crate::node::{Inner, PoolState, Pooled};
+
+/// The longest a pool boot waits for the creates in flight to end: under a steady stream
+/// of creates the pool still refills.
+const MAX_DEFER: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::{NodeError, PoolTarget};
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -106,6 +110,26 @@ async fn boot_one(
     target: &PoolTarget,
     template: &crate::ResolvedTemplate,
 ) -> Result<Pooled, NodeError> {
+    // A boot is CPU-heavy background work: a few at a time, and out of the way of the
+    // creates in flight, which are what someone is waiting for.
+    let _permit = inner
+        .pool_boots
+        .acquire()
+        .await
+        .map_err(|_| NodeError::Internal("the pool's boot permits are gone".to_owned()))?;
+    let defer_until = tokio::time::Instant::now() + MAX_DEFER;
+    loop {
+        let idle = inner.creates_idle.notified();
+        tokio::pin!(idle);
+        // Registered before looking, so that the last create ending in between wakes it.
+        idle.as_mut().enable();
+        if lock(&inner.creating).is_empty() {
+            break;
+        }
+        if tokio::time::timeout_at(defer_until, idle).await.is_err() {
+            break;
+        }
+    }
     inner.reserve(target.vcpus, target.memory_mb, false)?;
     let result = async {
         let cached = inner

@@ -131,6 +131,10 @@ fn node_config(config: &Config) -> anyhow::Result<NodeConfig> {
     node.pool = PoolConfig {
         replenish_interval: Duration::from_secs(config.pool.replenish_interval_sec.max(1)),
         max_idle: Duration::from_secs(config.pool.max_idle_sec),
+        max_parallel_boots: match config.pool.max_parallel_boots {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1)),
+            n => n as usize,
+        },
         targets: config
             .pool
             .templates
