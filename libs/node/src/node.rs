@@ -99,6 +99,9 @@ pub struct NodeStatus {
     pub node_id: String,
     pub capacity: crate::Capacity,
     pub allocated: Allocation,
+    /// The part of `allocated` held by ready pooled VMs (retired to make room when a
+    /// sandbox needs its own boot).
+    pub reclaimable: Allocation,
     pub cached_templates: Vec<CachedTemplateStatus>,
     pub pools: Vec<PoolStatus>,
     pub sandboxes: Vec<SandboxInfo>,
@@ -569,9 +572,18 @@ impl Node {
 
     /// Capacity, allocation, cache, pools and sandboxes.
     pub fn status(&self) -> NodeStatus {
-        let pools = {
+        let (pools, reclaimable) = {
             let pools = lock(&self.inner.pools);
-            self.inner
+            let reclaimable = pools.values().flat_map(|p| p.ready.iter()).fold(
+                Allocation::default(),
+                |mut sum, p| {
+                    sum.vcpus += p.booted.record.vcpus;
+                    sum.memory_mb += u64::from(p.booted.record.memory_mb);
+                    sum
+                },
+            );
+            let statuses = self
+                .inner
                 .config
                 .pool
                 .targets
@@ -587,12 +599,14 @@ impl Node {
                         max_ready: t.max_ready,
                     }
                 })
-                .collect()
+                .collect::<Vec<_>>();
+            (statuses, reclaimable)
         };
         NodeStatus {
             node_id: self.inner.config.node_id.clone(),
             capacity: self.inner.config.capacity,
             allocated: *lock(&self.inner.allocated),
+            reclaimable,
             cached_templates: self
                 .inner
                 .cache

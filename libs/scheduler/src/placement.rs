@@ -1,7 +1,8 @@
 //! Placement: choose the node for a new sandbox.
 //!
 //! Filter: the node accepts sandboxes (READY, not draining), its last heartbeat is fresh,
-//! and it has the vCPUs, memory and a sandbox slot free. Score the rest, most important
+//! and it has the vCPUs, memory and a sandbox slot free (counting what its ready pool VMs
+//! hold as free: the node retires them for a sandbox that needs room). Score the rest, most important
 //! first: a ready warm-pool VM of the template (a create in milliseconds), the template
 //! already cached (no download), then the least loaded node (spreads sandboxes, keeps
 //! headroom). Equal scores are broken at random so that simultaneous schedulers or
@@ -26,6 +27,11 @@ pub struct Candidate {
     /// Held by its sandboxes and pool VMs, plus creates placed there and still in flight.
     pub allocated_vcpus: u32,
     pub allocated_memory_mb: u64,
+    /// The part of the allocation held by ready pool VMs (of any template), which the
+    /// node retires to make room for a sandbox that needs its own boot: free for fitting,
+    /// not for scoring (using it costs a pool VM).
+    pub reclaimable_vcpus: u32,
+    pub reclaimable_memory_mb: u64,
     /// The template's root filesystem is in its cache.
     pub template_cached: bool,
     /// Booted pool VMs of the template waiting there.
@@ -42,6 +48,15 @@ impl Candidate {
             .saturating_sub(self.allocated_memory_mb)
     }
 
+    fn fit_vcpus(&self) -> u32 {
+        self.free_vcpus().saturating_add(self.reclaimable_vcpus)
+    }
+
+    fn fit_memory_mb(&self) -> u64 {
+        self.free_memory_mb()
+            .saturating_add(self.reclaimable_memory_mb)
+    }
+
     /// Why the node cannot take `need`, if it cannot.
     fn unfit(&self, need: &Need) -> Option<String> {
         if !self.accepting {
@@ -51,11 +66,11 @@ impl Candidate {
             return Some("no recent heartbeat".to_owned());
         }
         let mut missing = Vec::new();
-        if self.free_vcpus() < need.vcpus {
-            missing.push(format!("{} vCPUs free", self.free_vcpus()));
+        if self.fit_vcpus() < need.vcpus {
+            missing.push(format!("{} vCPUs free", self.fit_vcpus()));
         }
-        if self.free_memory_mb() < need.memory_mb {
-            missing.push(format!("{} MiB memory free", self.free_memory_mb()));
+        if self.fit_memory_mb() < need.memory_mb {
+            missing.push(format!("{} MiB memory free", self.fit_memory_mb()));
         }
         (!missing.is_empty()).then(|| missing.join(", "))
     }
@@ -159,6 +174,8 @@ mod tests {
             capacity_memory_mb: 8192,
             allocated_vcpus: 0,
             allocated_memory_mb: 0,
+            reclaimable_vcpus: 0,
+            reclaimable_memory_mb: 0,
             template_cached: false,
             ready_pool: 0,
         }
@@ -187,6 +204,25 @@ mod tests {
         let mut loaded = node("loaded");
         loaded.allocated_memory_mb = 4096;
         assert_eq!(first(&[loaded, empty]), "empty");
+    }
+
+    #[test]
+    fn ready_pool_vms_count_as_room() {
+        // Full of pool VMs: a create fits (the node retires pool VMs for it), but a node
+        // with the same room truly free still scores higher.
+        let mut pooled = node("pooled");
+        pooled.allocated_vcpus = 8;
+        pooled.allocated_memory_mb = 8192;
+        pooled.reclaimable_vcpus = 4;
+        pooled.reclaimable_memory_mb = 4096;
+        assert_eq!(first(std::slice::from_ref(&pooled)), "pooled");
+        let mut half = node("half");
+        half.allocated_vcpus = 4;
+        half.allocated_memory_mb = 4096;
+        assert_eq!(first(&[pooled.clone(), half]), "half");
+        pooled.reclaimable_memory_mb = 512;
+        let err = rank(&[pooled], NEED, &mut rand::rng()).unwrap_err();
+        assert!(err.to_string().contains("512 MiB memory free"), "{err}");
     }
 
     #[test]

@@ -92,6 +92,55 @@ pub fn sandbox_to_proto(node_id: &str, s: SandboxInfo) -> v1::Sandbox {
     }
 }
 
+fn resources(vcpus: u32, memory_mb: u64) -> v1::Resources {
+    v1::Resources {
+        vcpu: vcpus,
+        memory_mb: u32::try_from(memory_mb).unwrap_or(u32::MAX),
+        disk_mb: 0,
+    }
+}
+
+/// The node's status as `GetNodeStatus` answers it and registration and heartbeats
+/// report it (`address`: where the scheduler dials the agent; empty when not asked).
+pub fn node_status_to_proto(node: &Node, address: &str) -> node::NodeStatus {
+    let s = node.status();
+    let node_id = s.node_id.clone();
+    node::NodeStatus {
+        node_id: s.node_id,
+        address: address.to_owned(),
+        capacity: Some(resources(s.capacity.vcpus, s.capacity.memory_mb)),
+        allocated: Some(resources(s.allocated.vcpus, s.allocated.memory_mb)),
+        reclaimable: Some(resources(s.reclaimable.vcpus, s.reclaimable.memory_mb)),
+        cached_templates: s
+            .cached_templates
+            .into_iter()
+            .map(|c| node::CachedTemplate {
+                name: String::new(),
+                digest: c.digest,
+                size_bytes: c.size_bytes,
+            })
+            .collect(),
+        pools: s
+            .pools
+            .into_iter()
+            .map(|p| node::TemplatePool {
+                template: p.template.to_string(),
+                digest: p.digest,
+                ready: p.ready,
+                starting: p.starting,
+                min_ready: p.min_ready,
+                max_ready: p.max_ready,
+            })
+            .collect(),
+        sandboxes: s
+            .sandboxes
+            .into_iter()
+            .map(|sb| sandbox_to_proto(&node_id, sb))
+            .collect(),
+        draining: false,
+    }
+}
+
 fn exec_event(event: ExecEvent) -> v1::ExecEvent {
     use v1::exec_event::Event;
     let event = match event {
@@ -407,49 +456,7 @@ impl NodeAgent for NodeAgentService {
         &self,
         _request: Request<node::GetNodeStatusRequest>,
     ) -> Result<Response<node::GetNodeStatusResponse>, Status> {
-        let s = self.node.status();
-        let node_id = s.node_id.clone();
-        let status = node::NodeStatus {
-            node_id: s.node_id,
-            address: String::new(),
-            capacity: Some(v1::Resources {
-                vcpu: s.capacity.vcpus,
-                memory_mb: u32::try_from(s.capacity.memory_mb).unwrap_or(u32::MAX),
-                disk_mb: 0,
-            }),
-            allocated: Some(v1::Resources {
-                vcpu: s.allocated.vcpus,
-                memory_mb: u32::try_from(s.allocated.memory_mb).unwrap_or(u32::MAX),
-                disk_mb: 0,
-            }),
-            cached_templates: s
-                .cached_templates
-                .into_iter()
-                .map(|c| node::CachedTemplate {
-                    name: String::new(),
-                    digest: c.digest,
-                    size_bytes: c.size_bytes,
-                })
-                .collect(),
-            pools: s
-                .pools
-                .into_iter()
-                .map(|p| node::TemplatePool {
-                    template: p.template.to_string(),
-                    digest: p.digest,
-                    ready: p.ready,
-                    starting: p.starting,
-                    min_ready: p.min_ready,
-                    max_ready: p.max_ready,
-                })
-                .collect(),
-            sandboxes: s
-                .sandboxes
-                .into_iter()
-                .map(|sb| sandbox_to_proto(&node_id, sb))
-                .collect(),
-            draining: false,
-        };
+        let status = node_status_to_proto(&self.node, "");
         Ok(Response::new(node::GetNodeStatusResponse {
             status: Some(status),
         }))

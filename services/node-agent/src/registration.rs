@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime};
 use nanobox_node::Node;
 use nanobox_proto::node::v1 as node;
 use nanobox_proto::node::v1::node_registry_client::NodeRegistryClient;
-use nanobox_proto::v1;
 use nanobox_scheduler::auth::ClientAuth;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -101,7 +100,7 @@ async fn register(
 ) -> Result<Answer, tonic::Status> {
     let answer = client
         .register(node::RegisterRequest {
-            status: Some(status(node, address)),
+            status: Some(crate::grpc::node_status_to_proto(node, address)),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             vmm: node.vmm().to_owned(),
             supports_snapshots: false,
@@ -122,7 +121,7 @@ async fn heartbeat(
 ) -> Result<Answer, tonic::Status> {
     let answer = client
         .heartbeat(node::HeartbeatRequest {
-            status: Some(status(node, address)),
+            status: Some(crate::grpc::node_status_to_proto(node, address)),
             observed_at: Some(SystemTime::now().into()),
         })
         .await?
@@ -142,51 +141,4 @@ async fn heartbeat(
         interval_ms: answer.heartbeat_interval_ms,
         again: answer.reregister,
     })
-}
-
-/// The node's status as the registry takes it (the same conversion `GetNodeStatus` makes).
-fn status(node: &Node, address: &str) -> node::NodeStatus {
-    let s = node.status();
-    let node_id = s.node_id.clone();
-    node::NodeStatus {
-        node_id: s.node_id,
-        address: address.to_owned(),
-        capacity: Some(v1::Resources {
-            vcpu: s.capacity.vcpus,
-            memory_mb: u32::try_from(s.capacity.memory_mb).unwrap_or(u32::MAX),
-            disk_mb: 0,
-        }),
-        allocated: Some(v1::Resources {
-            vcpu: s.allocated.vcpus,
-            memory_mb: u32::try_from(s.allocated.memory_mb).unwrap_or(u32::MAX),
-            disk_mb: 0,
-        }),
-        cached_templates: s
-            .cached_templates
-            .into_iter()
-            .map(|c| node::CachedTemplate {
-                name: String::new(),
-                digest: c.digest,
-                size_bytes: c.size_bytes,
-            })
-            .collect(),
-        pools: s
-            .pools
-            .into_iter()
-            .map(|p| node::TemplatePool {
-                template: p.template.to_string(),
-                digest: p.digest,
-                ready: p.ready,
-                starting: p.starting,
-                min_ready: p.min_ready,
-                max_ready: p.max_ready,
-            })
-            .collect(),
-        sandboxes: s
-            .sandboxes
-            .into_iter()
-            .map(|sb| crate::grpc::sandbox_to_proto(&node_id, sb))
-            .collect(),
-        draining: false,
-    }
 }

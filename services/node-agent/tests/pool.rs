@@ -123,9 +123,12 @@ memory_mb = 128
     )
     .await;
     let ready = |n: u32| move |s: &nanobox_proto::node::v1::NodeStatus| s.pools[0].ready == n;
-    stack
+    let status = stack
         .wait_status("two VMs booted ahead", Duration::from_secs(240), ready(2))
         .await;
+    // What the scheduler may count as room on this node.
+    let reclaimable = status.reclaimable.unwrap();
+    assert_eq!((reclaimable.vcpu, reclaimable.memory_mb), (2, 256));
     let mut big = create_request(TEMPLATE);
     big.resources = Some(nanobox_proto::v1::Resources {
         vcpu: 1,
@@ -137,6 +140,7 @@ memory_mb = 128
     let status = stack.status().await;
     assert_eq!(status.pools[0].ready, 1, "one pooled VM was retired for it");
     assert_eq!(status.allocated.unwrap().memory_mb, 384);
+    assert_eq!(status.reclaimable.unwrap().memory_mb, 128);
     // Sandboxes are never evicted: with the node full of them, a create is refused.
     let err = stack.client().await.create_sandbox(big).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");

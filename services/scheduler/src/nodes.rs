@@ -192,6 +192,7 @@ impl Nodes {
                 let s = &n.status;
                 let cap = s.capacity.unwrap_or_default();
                 let alloc = s.allocated.unwrap_or_default();
+                let reclaimable = s.reclaimable.unwrap_or_default();
                 let (res_cpu, res_mem) =
                     n.reserved.iter().fold((0u32, 0u64), |(c, m), (_, need)| {
                         (
@@ -207,6 +208,8 @@ impl Nodes {
                     capacity_memory_mb: u64::from(cap.memory_mb),
                     allocated_vcpus: alloc.vcpu.saturating_add(res_cpu),
                     allocated_memory_mb: u64::from(alloc.memory_mb).saturating_add(res_mem),
+                    reclaimable_vcpus: reclaimable.vcpu,
+                    reclaimable_memory_mb: u64::from(reclaimable.memory_mb),
                     template_cached: s.cached_templates.iter().any(|c| c.digest == digest),
                     ready_pool: s
                         .pools
