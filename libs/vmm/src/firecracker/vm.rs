@@ -14,12 +14,11 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
 use tokio::process::Command;
@@ -33,19 +32,16 @@ use super::layout::{self, Layout};
 use super::plan::{self, PlannedRequest, AGENT_VSOCK_PORT};
 use super::snapshot::{self, SavedNet};
 use crate::backend::{AgentEndpoint, ExitInfo, SnapshotInfo, Vm, VmState};
+use crate::process::{
+    capture, drain_readers, exit_info, next_event, ActorEvent, RunState, VmmProcess,
+};
 use crate::{ConsoleLog, VmmError};
 
 const DIAGNOSTICS_LIMIT: usize = 16 * 1024;
-/// How long the actor lets the output readers take the last bytes after the VMM exited.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the API socket is looked for while Firecracker starts.
 const SOCKET_POLL: Duration = Duration::from_millis(5);
 /// How long a failed launch waits for the killed VMM to be reaped and cleaned up.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
-
-const STATE_RUNNING: u8 = 0;
-const STATE_PAUSED: u8 = 1;
-const STATE_EXITED: u8 = 2;
 
 /// Running under the jailer: what the command line and the cleanup need.
 #[derive(Debug, Clone)]
@@ -182,7 +178,7 @@ pub(crate) fn spawn(cfg: &FirecrackerConfig, launch: Launch) -> Result<Firecrack
 
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (exit_tx, exit_rx) = watch::channel(None);
-    let state = Arc::new(AtomicU8::new(STATE_RUNNING));
+    let state = RunState::new(VmState::Running);
     let pid = child.id();
     let api = ApiClient::new(&api_socket.host, launch.api_timeout);
     let actor = Actor {
@@ -203,7 +199,7 @@ pub(crate) fn spawn(cfg: &FirecrackerConfig, launch: Launch) -> Result<Firecrack
     tokio::spawn(actor.run(cmd_rx, exit_tx));
     Ok(FirecrackerVm {
         id: launch.id,
-        pid,
+        process: VmmProcess::new(pid, state, exit_rx),
         run_dir: launch.layout.run_dir().to_path_buf(),
         api_socket: api_socket.host,
         vsock,
@@ -211,10 +207,7 @@ pub(crate) fn spawn(cfg: &FirecrackerConfig, launch: Launch) -> Result<Firecrack
         layout: launch.layout,
         jailer: launch.jail.map(|j| j.jailer),
         commands: cmd_tx,
-        exit: exit_rx,
         console,
-        state,
-        killed: Mutex::new(false),
         memory_mib: launch.memory_mib,
         vcpus: launch.vcpus,
         network: launch.network,
@@ -222,22 +215,6 @@ pub(crate) fn spawn(cfg: &FirecrackerConfig, launch: Launch) -> Result<Firecrack
         snapshot_timeout: launch.snapshot_timeout,
         snapshots: AtomicU32::new(0),
     })
-}
-
-async fn capture<R: AsyncRead + Unpin>(mut src: R, log: ConsoleLog, mirror: bool) {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut stderr = tokio::io::stderr();
-    loop {
-        match src.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                log.push(&buf[..n]);
-                if mirror {
-                    let _ = stderr.write_all(&buf[..n]).await;
-                }
-            }
-        }
-    }
 }
 
 /// Reads the log FIFO until told the VMM has exited, then takes what is left without
@@ -266,7 +243,7 @@ enum ActorCommand {
         request: PlannedRequest,
         timeout: Duration,
         /// The run state after the request succeeds, if it changes it.
-        then: Option<u8>,
+        then: Option<VmState>,
         reply: oneshot::Sender<Result<(), VmmError>>,
     },
     Info {
@@ -293,7 +270,7 @@ struct Actor {
     api: ApiClient,
     layout: Layout,
     cgroups: Vec<PathBuf>,
-    state: Arc<AtomicU8>,
+    state: RunState,
     diagnostics: ConsoleLog,
     readers: Vec<tokio::task::JoinHandle<()>>,
     log_reader: Option<(tokio::task::JoinHandle<()>, oneshot::Sender<()>)>,
@@ -305,40 +282,34 @@ impl Actor {
         mut commands: mpsc::UnboundedReceiver<ActorCommand>,
         exit: watch::Sender<Option<ExitInfo>>,
     ) {
-        let mut handles_gone = false;
         let status = loop {
-            tokio::select! {
-                status = self.child.wait() => break status,
-                cmd = commands.recv(), if !handles_gone => match cmd {
-                    None => {
-                        // Every handle was dropped: nobody can reach this VM any more.
-                        handles_gone = true;
-                        let _ = self.child.start_kill();
+            match next_event(&mut self.child, &mut commands).await {
+                ActorEvent::Exited(status) => break status,
+                ActorEvent::Command(ActorCommand::Send {
+                    request,
+                    timeout,
+                    then,
+                    reply,
+                }) => {
+                    let result = self.api.with_timeout(timeout).send(&request).await;
+                    if let (Ok(()), Some(state)) = (&result, then) {
+                        // Not over an exit the actor has not seen yet: it only ever marks
+                        // the VM exited below, once the process is gone.
+                        self.state.set(state);
                     }
-                    Some(ActorCommand::Send { request, timeout, then, reply }) => {
-                        let result = self.api.with_timeout(timeout).send(&request).await;
-                        if let (Ok(()), Some(state)) = (&result, then) {
-                            // Not over an exit the actor has not seen yet: it only ever
-                            // sets EXITED below, after this loop.
-                            self.state.store(state, Ordering::SeqCst);
-                        }
-                        let _ = reply.send(result);
-                    }
-                    Some(ActorCommand::Info { reply }) => {
-                        let _ = reply.send(self.api.instance_info().await);
-                    }
-                },
+                    let _ = reply.send(result);
+                }
+                ActorEvent::Command(ActorCommand::Info { reply }) => {
+                    let _ = reply.send(self.api.instance_info().await);
+                }
             }
         };
-        self.state.store(STATE_EXITED, Ordering::SeqCst);
+        self.state.set(VmState::Exited);
         if let Some((reader, stop)) = self.log_reader.take() {
             let _ = stop.send(());
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, reader).await;
+            drain_readers([reader]).await;
         }
-        // The pipes close with the process; give the readers a moment to take the tail.
-        for reader in self.readers.drain(..) {
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, reader).await;
-        }
+        drain_readers(self.readers.drain(..)).await;
         let run_dir = self.layout.run_dir().to_path_buf();
         if let Err(e) = tokio::fs::remove_dir_all(&run_dir).await {
             tracing::warn!(dir = %run_dir.display(), error = %e, "removing VM run dir");
@@ -348,21 +319,7 @@ impl Actor {
             let cgroups = std::mem::take(&mut self.cgroups);
             let _ = tokio::task::spawn_blocking(move || jailer::cleanup(&jail_dir, &cgroups)).await;
         }
-        let info = match status {
-            Ok(s) => {
-                use std::os::unix::process::ExitStatusExt;
-                ExitInfo {
-                    code: s.code(),
-                    signal: s.signal(),
-                    stderr_tail: self.diagnostics.tail(),
-                }
-            }
-            Err(e) => ExitInfo {
-                code: None,
-                signal: None,
-                stderr_tail: format!("waiting for Firecracker failed: {e}"),
-            },
-        };
+        let info = exit_info(status, &self.diagnostics, "Firecracker");
         let _ = exit.send(Some(info));
     }
 }
@@ -371,7 +328,7 @@ impl Actor {
 #[derive(Debug)]
 pub struct FirecrackerVm {
     id: String,
-    pid: Option<u32>,
+    process: VmmProcess,
     run_dir: PathBuf,
     api_socket: PathBuf,
     vsock: layout::Place,
@@ -380,10 +337,7 @@ pub struct FirecrackerVm {
     layout: Layout,
     jailer: Option<JailerConfig>,
     commands: mpsc::UnboundedSender<ActorCommand>,
-    exit: watch::Receiver<Option<ExitInfo>>,
     console: ConsoleLog,
-    state: Arc<AtomicU8>,
-    killed: Mutex<bool>,
     memory_mib: u32,
     vcpus: u8,
     network: Option<SavedNet>,
@@ -404,7 +358,7 @@ impl FirecrackerVm {
         &self,
         request: PlannedRequest,
         timeout: Duration,
-        then: Option<u8>,
+        then: Option<VmState>,
     ) -> Result<(), VmmError> {
         let (reply, rx) = oneshot::channel();
         self.commands
@@ -428,7 +382,7 @@ impl FirecrackerVm {
 
     /// Loads a snapshot into this fresh VMM, which resumes it.
     pub(crate) async fn load(&self, request: PlannedRequest) -> Result<(), VmmError> {
-        self.send(request, self.snapshot_timeout, Some(STATE_RUNNING))
+        self.send(request, self.snapshot_timeout, Some(VmState::Running))
             .await
     }
 
@@ -470,22 +424,13 @@ impl FirecrackerVm {
     }
 
     pub(crate) async fn wait_exit(&self) -> ExitInfo {
-        let mut rx = self.exit.clone();
-        let info = match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone(),
-            Err(_) => None,
-        };
-        info.unwrap_or(ExitInfo {
-            code: None,
-            signal: None,
-            stderr_tail: "VM actor ended without an exit status".into(),
-        })
+        self.process.wait_exit().await
     }
 
     async fn set_run_state(&self, state: VmRunState) -> Result<(), VmmError> {
         let then = match state {
-            VmRunState::Paused => STATE_PAUSED,
-            VmRunState::Resumed => STATE_RUNNING,
+            VmRunState::Paused => VmState::Paused,
+            VmRunState::Resumed => VmState::Running,
         };
         self.send(plan::vm_state(state)?, self.api_timeout, Some(then))
             .await
@@ -578,7 +523,7 @@ impl Vm for FirecrackerVm {
     }
 
     fn pid(&self) -> Option<u32> {
-        self.pid
+        self.process.pid()
     }
 
     fn run_dir(&self) -> &Path {
@@ -593,11 +538,7 @@ impl Vm for FirecrackerVm {
     }
 
     fn state(&self) -> VmState {
-        match self.state.load(Ordering::SeqCst) {
-            STATE_RUNNING => VmState::Running,
-            STATE_PAUSED => VmState::Paused,
-            _ => VmState::Exited,
-        }
+        self.process.state()
     }
 
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {
@@ -636,30 +577,12 @@ impl Vm for FirecrackerVm {
                     }
                 }
             }
-            match tokio::time::timeout(grace, self.wait_exit()).await {
-                Ok(info) => Ok(info),
-                Err(_) => {
-                    self.kill();
-                    Ok(self.wait_exit().await)
-                }
-            }
+            Ok(self.process.exit_within(grace).await)
         })
     }
 
     fn kill(&self) {
-        let mut killed = self.killed.lock().unwrap_or_else(PoisonError::into_inner);
-        if *killed || self.exit.borrow().is_some() {
-            return;
-        }
-        if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
-            // The actor has not reaped the process yet (no exit published), so the pid
-            // still names our Firecracker (the jailer execs it in place).
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            *killed = true;
-        }
+        self.process.kill();
     }
 
     fn wait(&self) -> BoxFuture<'_, ExitInfo> {

@@ -14,12 +14,9 @@ mod snapshot;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot, watch, OnceCell};
 
@@ -28,6 +25,9 @@ pub use qmp::Qmp;
 
 use crate::backend::{
     AgentEndpoint, BackendKind, Capabilities, ExitInfo, SnapshotInfo, Vm, VmBackend, VmState,
+};
+use crate::process::{
+    capture, drain_readers, exit_info, next_event, ActorEvent, RunState, VmmProcess,
 };
 use crate::{detect_accel, Accel, ConsoleLog, VmSpec, VmmError};
 
@@ -242,11 +242,11 @@ impl QemuBackend {
         }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (exit_tx, exit_rx) = watch::channel(None);
-        let state = Arc::new(AtomicU8::new(if incoming {
-            STATE_PAUSED
+        let state = RunState::new(if incoming {
+            VmState::Paused
         } else {
-            STATE_RUNNING
-        }));
+            VmState::Running
+        });
         let pid = child.id();
         let actor = Actor {
             child,
@@ -260,14 +260,11 @@ impl QemuBackend {
         tokio::spawn(actor.run(cmd_rx, exit_tx));
         Ok(QemuVm {
             id: spec.id.clone(),
-            pid,
+            process: VmmProcess::new(pid, state, exit_rx),
             run_dir: spec.run_dir.clone(),
             agent_path,
             commands: cmd_tx,
-            exit: exit_rx,
             console,
-            state,
-            killed: Mutex::new(false),
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
             ephemeral_disk: spec.rootfs.ephemeral,
@@ -275,26 +272,6 @@ impl QemuBackend {
         })
     }
 }
-
-async fn capture<R: AsyncRead + Unpin>(mut src: R, log: ConsoleLog, mirror: bool) {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut stderr = tokio::io::stderr();
-    loop {
-        match src.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                log.push(&buf[..n]);
-                if mirror {
-                    let _ = stderr.write_all(&buf[..n]).await;
-                }
-            }
-        }
-    }
-}
-
-const STATE_RUNNING: u8 = 0;
-const STATE_PAUSED: u8 = 1;
-const STATE_EXITED: u8 = 2;
 
 enum ActorCommand {
     Qmp {
@@ -310,7 +287,7 @@ struct Actor {
     qmp_path: PathBuf,
     qmp: Option<Qmp>,
     run_dir: PathBuf,
-    state: Arc<AtomicU8>,
+    state: RunState,
     stderr_tail: ConsoleLog,
     readers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -321,47 +298,25 @@ impl Actor {
         mut commands: mpsc::UnboundedReceiver<ActorCommand>,
         exit: watch::Sender<Option<ExitInfo>>,
     ) {
-        let mut handles_gone = false;
         let status = loop {
-            tokio::select! {
-                status = self.child.wait() => break status,
-                cmd = commands.recv(), if !handles_gone => match cmd {
-                    None => {
-                        // Every handle was dropped: nobody can reach this VM any more.
-                        handles_gone = true;
-                        let _ = self.child.start_kill();
-                    }
-                    Some(ActorCommand::Qmp { command, arguments, reply }) => {
-                        let result = self.qmp(command, arguments).await;
-                        let _ = reply.send(result);
-                    }
-                },
+            match next_event(&mut self.child, &mut commands).await {
+                ActorEvent::Exited(status) => break status,
+                ActorEvent::Command(ActorCommand::Qmp {
+                    command,
+                    arguments,
+                    reply,
+                }) => {
+                    let result = self.qmp(command, arguments).await;
+                    let _ = reply.send(result);
+                }
             }
         };
-        self.state.store(STATE_EXITED, Ordering::SeqCst);
-        // The pipes close with the process; give the readers a moment to take the tail.
-        for reader in self.readers.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
-        }
+        self.state.set(VmState::Exited);
+        drain_readers(self.readers.drain(..)).await;
         if let Err(e) = tokio::fs::remove_dir_all(&self.run_dir).await {
             tracing::warn!(dir = %self.run_dir.display(), error = %e, "removing VM run dir");
         }
-        let info = match status {
-            Ok(s) => {
-                use std::os::unix::process::ExitStatusExt;
-                ExitInfo {
-                    code: s.code(),
-                    signal: s.signal(),
-                    stderr_tail: self.stderr_tail.tail(),
-                }
-            }
-            Err(e) => ExitInfo {
-                code: None,
-                signal: None,
-                stderr_tail: format!("waiting for QEMU failed: {e}"),
-            },
-        };
-        let _ = exit.send(Some(info));
+        let _ = exit.send(Some(exit_info(status, &self.stderr_tail, "QEMU")));
     }
 
     async fn qmp(
@@ -383,8 +338,8 @@ impl Actor {
         }
         let value = result?;
         match command {
-            "stop" => self.state.store(STATE_PAUSED, Ordering::SeqCst),
-            "cont" => self.state.store(STATE_RUNNING, Ordering::SeqCst),
+            "stop" => self.state.set(VmState::Paused),
+            "cont" => self.state.set(VmState::Running),
             _ => {}
         }
         Ok(value)
@@ -395,14 +350,11 @@ impl Actor {
 #[derive(Debug)]
 pub struct QemuVm {
     id: String,
-    pid: Option<u32>,
+    process: VmmProcess,
     run_dir: PathBuf,
     agent_path: PathBuf,
     commands: mpsc::UnboundedSender<ActorCommand>,
-    exit: watch::Receiver<Option<ExitInfo>>,
     console: ConsoleLog,
-    state: Arc<AtomicU8>,
-    killed: Mutex<bool>,
     memory_mib: u32,
     vcpus: u8,
     ephemeral_disk: bool,
@@ -456,16 +408,7 @@ impl QemuVm {
     }
 
     async fn wait_exit(&self) -> ExitInfo {
-        let mut rx = self.exit.clone();
-        let info = match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone(),
-            Err(_) => None,
-        };
-        info.unwrap_or(ExitInfo {
-            code: None,
-            signal: None,
-            stderr_tail: "VM actor ended without an exit status".into(),
-        })
+        self.process.wait_exit().await
     }
 }
 
@@ -475,7 +418,7 @@ impl Vm for QemuVm {
     }
 
     fn pid(&self) -> Option<u32> {
-        self.pid
+        self.process.pid()
     }
 
     fn run_dir(&self) -> &Path {
@@ -487,11 +430,7 @@ impl Vm for QemuVm {
     }
 
     fn state(&self) -> VmState {
-        match self.state.load(Ordering::SeqCst) {
-            STATE_RUNNING => VmState::Running,
-            STATE_PAUSED => VmState::Paused,
-            _ => VmState::Exited,
-        }
+        self.process.state()
     }
 
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {
@@ -540,30 +479,12 @@ impl Vm for QemuVm {
                 // "quit" may fail if QEMU is already on its way out; waiting covers both.
                 let _ = tokio::time::timeout(grace, self.qmp("quit", None)).await;
             }
-            match tokio::time::timeout(grace, self.wait_exit()).await {
-                Ok(info) => Ok(info),
-                Err(_) => {
-                    self.kill();
-                    Ok(self.wait_exit().await)
-                }
-            }
+            Ok(self.process.exit_within(grace).await)
         })
     }
 
     fn kill(&self) {
-        let mut killed = self.killed.lock().unwrap_or_else(PoisonError::into_inner);
-        if *killed || self.exit.borrow().is_some() {
-            return;
-        }
-        if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
-            // The actor has not reaped the process yet (no exit published), so the pid
-            // still names our QEMU.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            *killed = true;
-        }
+        self.process.kill();
     }
 
     fn wait(&self) -> BoxFuture<'_, ExitInfo> {
