@@ -1,6 +1,8 @@
-//! Realistic test images built from Debian's packages (there is no Docker Hub here).
+//! Test images: a small busybox image made on the spot, and realistic ones built from
+//! Debian's packages (there is no Docker Hub here).
 //!
-//! `debian_node_layout` makes a Debian bookworm minbase with Node.js as a two-layer OCI
+//! [`busybox_layout`] makes a two-layer busybox image as an OCI layout with `umoci`.
+//! [`debian_node_layout`] makes a Debian bookworm minbase with Node.js as a two-layer OCI
 //! image layout: the system from `debootstrap` (from the same mirror apt uses), then an
 //! application layer. It is cached under the NanoBox cache directory, keyed by
 //! [`DEBIAN_NODE_VERSION`], and built into a temporary directory that is renamed into place,
@@ -8,6 +10,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use crate::process::run_command;
 
 /// Bump when the recipe below changes, so cached images are rebuilt.
 pub const DEBIAN_NODE_VERSION: u32 = 1;
@@ -37,13 +41,53 @@ fn debian_mirror() -> String {
         .to_owned()
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+/// A small two-layer busybox image as an OCI layout in `work` (tag `v1`): busybox and
+/// `/bin/sh`, then `/etc/marker` holding `marker`, so different markers make different
+/// images. Its config sets `MARKER=<marker>` and the working directory `/etc`.
+pub fn busybox_layout(work: &Path, marker: &str) -> PathBuf {
+    let layout = work.join(format!("layout-{marker}"));
+    let image = format!("{}:v1", layout.display());
+    run_command(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
     );
+    run_command(Command::new("umoci").args(["new", "--image", &image]));
+    for (i, step) in ["busybox", "marker"].iter().enumerate() {
+        let bundle = work.join(format!("bundle-{marker}-{i}"));
+        run_command(
+            Command::new("umoci")
+                .args(["unpack", "--image", &image])
+                .arg(&bundle),
+        );
+        let root = bundle.join("rootfs");
+        let made = if *step == "busybox" {
+            std::fs::create_dir_all(root.join("bin"))
+                .and_then(|()| std::fs::copy("/bin/busybox", root.join("bin/busybox")))
+                .and_then(|_| std::os::unix::fs::symlink("busybox", root.join("bin/sh")))
+        } else {
+            std::fs::create_dir_all(root.join("etc"))
+                .and_then(|()| std::fs::write(root.join("etc/marker"), marker))
+        };
+        made.unwrap_or_else(|e| panic!("the {step} layer in {}: {e}", root.display()));
+        run_command(
+            Command::new("umoci")
+                .args(["repack", "--image", &image])
+                .arg(&bundle),
+        );
+        std::fs::remove_dir_all(&bundle)
+            .unwrap_or_else(|e| panic!("removing {}: {e}", bundle.display()));
+    }
+    run_command(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        &format!("MARKER={marker}"),
+        "--config.workingdir",
+        "/etc",
+    ]));
+    layout
 }
 
 /// The cached Debian + Node.js image layout (building it first if needed, ~100 s).
@@ -73,35 +117,47 @@ pub fn debian_node_layout() -> PathBuf {
 
 fn build(work: &Path) {
     let rootfs = work.join("debootstrap");
-    run(Command::new("debootstrap")
-        .args(["--variant=minbase", "--include=nodejs", "bookworm"])
-        .arg(&rootfs)
-        .arg(debian_mirror()));
+    run_command(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", "--include=nodejs", "bookworm"])
+            .arg(&rootfs)
+            .arg(debian_mirror()),
+    );
     let layout = work.join("layout");
     let image = format!("{}:{DEBIAN_NODE_TAG}", layout.display());
-    run(Command::new("umoci")
-        .args(["init", "--layout"])
-        .arg(&layout));
-    run(Command::new("umoci").args(["new", "--image", &image]));
+    run_command(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+    );
+    run_command(Command::new("umoci").args(["new", "--image", &image]));
 
     // Layer 1: the system.
     let bundle = work.join("bundle1");
-    run(Command::new("umoci")
-        .args(["unpack", "--image", &image])
-        .arg(&bundle));
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", rootfs.display()))
-        .arg(bundle.join("rootfs")));
-    run(Command::new("umoci")
-        .args(["repack", "--image", &image])
-        .arg(&bundle));
+    run_command(
+        Command::new("umoci")
+            .args(["unpack", "--image", &image])
+            .arg(&bundle),
+    );
+    run_command(
+        Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", rootfs.display()))
+            .arg(bundle.join("rootfs")),
+    );
+    run_command(
+        Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle),
+    );
 
     // Layer 2: the application.
     let bundle = work.join("bundle2");
-    run(Command::new("umoci")
-        .args(["unpack", "--image", &image])
-        .arg(&bundle));
+    run_command(
+        Command::new("umoci")
+            .args(["unpack", "--image", &image])
+            .arg(&bundle),
+    );
     let app = bundle.join("rootfs/app");
     std::fs::create_dir_all(&app).unwrap_or_else(|e| panic!("mkdir /app: {e}"));
     std::fs::write(
@@ -109,10 +165,12 @@ fn build(work: &Path) {
         "console.log(`node ${process.version} in ${process.cwd()} says ${process.env.GREETING}`);\n",
     )
     .unwrap_or_else(|e| panic!("writing index.js: {e}"));
-    run(Command::new("umoci")
-        .args(["repack", "--image", &image])
-        .arg(&bundle));
-    run(Command::new("umoci").args([
+    run_command(
+        Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle),
+    );
+    run_command(Command::new("umoci").args([
         "config",
         "--image",
         &image,

@@ -7,16 +7,28 @@
 //! [`postgres::Postgres`] and [`s3::S3Server`] start private PostgreSQL and S3 (SeaweedFS)
 //! servers for the storage tests; both are installed by `cargo xtask setup`.
 //! [`registry::Registry`] starts a private OCI registry (Debian's `docker-registry`).
+//!
+//! For the services' tests and benchmarks: [`process`] runs NanoBox binaries as real
+//! processes, [`netns`] gives a node agent private network namespaces, [`config`] writes
+//! their configuration files, [`node_agent::NodeAgent`] runs a node agent in its
+//! namespaces, and [`template::publish_template`] publishes the test rootfs as a READY
+//! template.
 
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod images;
+pub mod netns;
+pub mod node_agent;
 pub mod postgres;
+pub mod process;
 pub mod registry;
 pub mod s3;
+pub mod template;
 
+use std::fmt::Debug;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nanobox_guest_client::{AgentClient, ConfigureRequest};
 use nanobox_vmm::qemu::{QemuBackend, QemuConfig};
@@ -38,20 +50,51 @@ impl GuestArtifacts {
     /// Reads the artefact paths from the environment, panicking with what to run when they
     /// are missing: a test that cannot find its guest must fail, not pass vacuously.
     pub fn from_env() -> Self {
-        let get = |var: &str| {
-            let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-                panic!(
-                    "{var} is not set: run the tests with `cargo xtask test`, which builds \
-                     the guest kernel, init and test rootfs and exports their paths"
-                )
-            });
-            assert!(path.is_file(), "{var}={} does not exist", path.display());
-            path
-        };
         Self {
-            kernel: get("NANOBOX_TEST_KERNEL"),
-            rootfs: get("NANOBOX_TEST_ROOTFS"),
+            kernel: env_file("NANOBOX_TEST_KERNEL"),
+            rootfs: env_file("NANOBOX_TEST_ROOTFS"),
         }
+    }
+}
+
+/// The file the environment variable `var` names: one of the artefacts `cargo xtask test`
+/// builds and exports (the guest kernel, init and test rootfs). Panics saying what to run
+/// when it is missing.
+pub fn env_file(var: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!(
+            "{var} is not set: run the tests with `cargo xtask test`, which builds the guest \
+             kernel, init and test rootfs and exports their paths"
+        )
+    });
+    assert!(path.is_file(), "{var}={} does not exist", path.display());
+    path
+}
+
+/// The guest init (`NANOBOX_INIT`, exported by `cargo xtask test`) that the template-builder
+/// injects into the root filesystems it builds.
+pub fn guest_init() -> PathBuf {
+    env_file("NANOBOX_INIT")
+}
+
+/// Calls `probe` every `every` until `done` holds for what it returns, and returns that;
+/// panics naming `what` with the last answer once `limit` has passed (a hang guard, not a
+/// performance assertion).
+pub async fn wait_until<T: Debug>(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut probe: impl AsyncFnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        let answer = probe().await;
+        if done(&answer) {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "{what}: {answer:#?}");
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -182,6 +182,16 @@ impl Postgres {
         config
     }
 
+    /// The libpq connection string for database `db` of this server, as the services'
+    /// `[database] url` takes it.
+    pub fn url(&self, db: &tokio_postgres::Config) -> String {
+        format!(
+            "host={} user=postgres dbname={}",
+            self.socket_dir().display(),
+            db.get_dbname().unwrap_or("postgres")
+        )
+    }
+
     /// Creates a fresh, empty database with a unique name and returns its settings.
     pub async fn create_database(&self) -> tokio_postgres::Config {
         let name = format!("test_{:016x}", rand::random::<u64>());
