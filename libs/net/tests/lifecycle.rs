@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use common::World;
 use nanobox_core::NetworkMode;
 use nanobox_net::{NetError, NodeNetwork, GUEST_ADDRESS, TAP_NAME, UPLINK_NAME};
+use nanobox_testkit::process::run;
 use nanobox_vmm::RateLimit;
 
 const LIMIT: RateLimit = RateLimit {
@@ -22,7 +23,7 @@ fn in_sandbox(ns: &std::path::Path, args: &[&str]) -> String {
     let arg = format!("--net={}", ns.display());
     all[1] = &arg;
     all.extend_from_slice(args);
-    common::sh(&all)
+    run(&all)
 }
 
 #[tokio::test]
@@ -181,7 +182,7 @@ async fn cleanup_orphans_removes_everything_not_known() {
     // Debris a crash could leave: a namespace with the node's prefix but no record, and
     // a veth on the bridge that no lease names.
     let stray = format!("{}or-stray", w.config.netns_prefix);
-    common::sh(&["ip", "netns", "add", &stray]);
+    run(&["ip", "netns", "add", &stray]);
     w.host_ip(&[
         "link",
         "add",

@@ -10,16 +10,17 @@
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nanobox_net::{NodeNetwork, NodeNetworkConfig, RateLimiter};
+use nanobox_testkit::netns::{self, Netns, WAN_FAR};
+use nanobox_testkit::process::run;
 
 /// The host namespace's end of the link to the simulated internet.
-pub const WAN_HOST: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 1);
+pub const WAN_HOST: Ipv4Addr = netns::WAN_HOST;
 /// A server "on the internet".
-pub const INTERNET_SERVER: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 2);
+pub const INTERNET_SERVER: Ipv4Addr = netns::WAN_FAR;
 /// An internal service of the node (in the same far namespace, on another address).
 pub const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 254, 1, 2);
 /// The bridge address (gateway of the subnet, and the resolver the guests use).
@@ -27,53 +28,6 @@ pub const BRIDGE_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
 pub const HTTP_PORT: u16 = 8080;
 /// A name the test resolver answers with [`INTERNET_SERVER`].
 pub const INTERNET_NAME: &str = "internet.test";
-
-/// Runs a command, panicking with its stderr on failure.
-pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Removes, on drop, every namespace named here and every one starting with `prefix`.
-#[derive(Debug)]
-pub struct NsGuard {
-    pub prefix: String,
-    names: Mutex<Vec<String>>,
-}
-
-impl NsGuard {
-    pub fn add(&self, name: &str) {
-        sh(&["ip", "netns", "add", name]);
-        self.names.lock().unwrap().push(name.to_owned());
-    }
-}
-
-impl Drop for NsGuard {
-    fn drop(&mut self) {
-        let mut names = self.names.lock().unwrap().clone();
-        if let Ok(entries) = std::fs::read_dir("/run/netns") {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&self.prefix) {
-                    names.push(name);
-                }
-            }
-        }
-        names.sort();
-        names.dedup();
-        for name in names {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        }
-    }
-}
 
 /// The test world: namespaces, a node network set up in them, and its state directory.
 #[derive(Debug)]
@@ -84,74 +38,33 @@ pub struct World {
     pub node: NodeNetwork,
     pub state: tempfile::TempDir,
     // Last: dropped after everything that might still use the namespaces.
-    pub guard: NsGuard,
+    pub netns: Netns,
 }
 
 impl World {
     pub async fn new() -> Self {
-        let suffix = format!("{:08x}", rand::random::<u32>());
-        let prefix = format!("nbxt{suffix}-");
-        let guard = NsGuard {
-            prefix: prefix.clone(),
-            names: Mutex::new(Vec::new()),
-        };
-        let host = format!("{prefix}host");
-        let internet = format!("{prefix}inet");
-        guard.add(&host);
-        guard.add(&internet);
-        for args in [
-            vec!["ip", "-n", &host, "link", "set", "lo", "up"],
-            vec!["ip", "-n", &internet, "link", "set", "lo", "up"],
-            // Made inside the host namespace: no name ever appears in the root one.
-            vec![
-                "ip", "-n", &host, "link", "add", "wan0", "type", "veth", "peer", "name", "wan0",
-                "netns", &internet,
-            ],
-            vec![
-                "ip",
-                "-n",
-                &host,
-                "addr",
-                "add",
-                "10.254.0.1/24",
-                "dev",
-                "wan0",
-            ],
-            vec!["ip", "-n", &host, "link", "set", "wan0", "up"],
-            vec![
-                "ip",
-                "-n",
-                &internet,
-                "addr",
-                "add",
-                "10.254.0.2/24",
-                "dev",
-                "wan0",
-            ],
-            vec![
-                "ip",
-                "-n",
-                &internet,
-                "addr",
-                "add",
-                "10.254.1.2/32",
-                "dev",
-                "wan0",
-            ],
-            vec!["ip", "-n", &internet, "link", "set", "wan0", "up"],
-            vec![
-                "ip",
-                "-n",
-                &host,
-                "route",
-                "add",
-                "10.254.1.0/24",
-                "via",
-                "10.254.0.2",
-            ],
-        ] {
-            sh(&args);
-        }
+        let netns = Netns::new("nbxt");
+        let prefix = netns.prefix().to_owned();
+        let host = netns.add("host");
+        let internet = netns.add("inet");
+        netns::link_wan(&host, &internet);
+        // The node's internal service, on the far side too but outside the link's subnet:
+        // reached through a route of its own.
+        let service = format!("{SERVICE}/32");
+        run(&[
+            "ip", "-n", &internet, "addr", "add", &service, "dev", "wan0",
+        ]);
+        let far = WAN_FAR.to_string();
+        run(&[
+            "ip",
+            "-n",
+            &host,
+            "route",
+            "add",
+            "10.254.1.0/24",
+            "via",
+            &far,
+        ]);
         let state = tempfile::tempdir().unwrap();
         let config = NodeNetworkConfig {
             bridge_name: "nbxbr0".into(),
@@ -171,7 +84,7 @@ impl World {
             config,
             node,
             state,
-            guard,
+            netns,
         }
     }
 
@@ -179,14 +92,14 @@ impl World {
     pub fn host_ip(&self, args: &[&str]) -> String {
         let mut all = vec!["ip", "-n", &self.host];
         all.extend_from_slice(args);
-        sh(&all)
+        run(&all)
     }
 
     /// `nft ...` in the host namespace.
     pub fn host_nft(&self, args: &[&str]) -> String {
         let mut all = vec!["ip", "netns", "exec", &self.host, "nft"];
         all.extend_from_slice(args);
-        sh(&all)
+        run(&all)
     }
 
     /// Names of the links in the host namespace.
@@ -200,12 +113,7 @@ impl World {
 
     /// Names of every namespace of this test.
     pub fn namespaces(&self) -> Vec<String> {
-        sh(&["ip", "netns", "list"])
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|n| n.starts_with(&self.guard.prefix))
-            .map(str::to_owned)
-            .collect()
+        self.netns.list()
     }
 }
 
