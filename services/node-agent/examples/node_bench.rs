@@ -12,65 +12,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nanobox_core::{ImageConfig, TemplateName, TemplateState};
 use nanobox_proto::node::v1 as node;
 use nanobox_proto::node::v1::node_agent_client::NodeAgentClient;
 use nanobox_proto::v1;
-use nanobox_store::metadata::TemplateRecord;
-use nanobox_store::rootfs::{rootfs_keys, RootfsInfo};
-use nanobox_store::{LocalFsStore, MetadataStore, ObjectStore};
+use nanobox_store::{LocalFsStore, MetadataStore};
+use nanobox_testkit::config::{pool_sections, storage_sections, AgentConfig};
+use nanobox_testkit::netns::NodeNet;
 use nanobox_testkit::postgres::Postgres;
+use nanobox_testkit::process::{service_command, Process};
+use nanobox_testkit::template::publish_template;
 use tonic::transport::Channel;
 
 const POOL_CREATES: usize = 50;
 const COLD_ROUNDS: usize = 5;
 const IDLE_SANDBOXES: usize = 10;
 const TEMPLATE: &str = "bench";
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Publishes `rootfs` as a READY template, the way the template-builder does.
-async fn publish(meta: &MetadataStore, objects_dir: &Path, rootfs: &Path) {
-    let objects = LocalFsStore::open(objects_dir).unwrap();
-    let data = std::fs::read(rootfs).unwrap();
-    let digest = format!("sha256:{}", nanobox_store::sha256_hex(&data));
-    let keys = rootfs_keys(&digest, "bench").unwrap();
-    let stored = objects.put_file(&keys.ext4, rootfs).await.unwrap();
-    let info = RootfsInfo {
-        manifest_digest: digest.clone(),
-        init_version: "bench".into(),
-        size_bytes: stored.size,
-        sha256: stored.sha256.clone().unwrap(),
-        config: ImageConfig::default(),
-    };
-    objects
-        .put_bytes(&keys.info, serde_json::to_vec(&info).unwrap().into())
-        .await
-        .unwrap();
-    meta.upsert_template(&TemplateRecord {
-        name: TemplateName::new(TEMPLATE).unwrap(),
-        image_ref: "bench/busybox".into(),
-        manifest_digest: Some(digest),
-        rootfs_key: Some(keys.ext4.to_string()),
-        size_bytes: Some(stored.size),
-        image_config: ImageConfig::default(),
-        state: TemplateState::Ready,
-    })
-    .await
-    .unwrap();
-}
 
 fn request(memory_mb: u32) -> node::CreateSandboxRequest {
     node::CreateSandboxRequest {
@@ -149,72 +109,35 @@ async fn main() {
     let meta = MetadataStore::open(db.clone(), Default::default())
         .await
         .unwrap();
-    publish(&meta, &work.join("objects"), Path::new(rootfs)).await;
+    let objects = LocalFsStore::open(work.join("objects")).unwrap();
+    publish_template(&meta, &objects, TEMPLATE, Path::new(rootfs)).await;
 
-    // The node's "host" namespace, private to the benchmark.
-    let host_ns = format!("nbb{:08x}-host", rand::random::<u32>());
-    sh(&["ip", "netns", "add", &host_ns]);
-    // The "host interface": one end of a veth pair that stays inside the namespace (no
-    // traffic leaves it; the benchmark's sandboxes are isolated).
-    sh(&[
-        "ip", "-n", &host_ns, "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
-    ]);
-    sh(&["ip", "-n", &host_ns, "link", "set", "wan0", "up"]);
-    let config = format!(
-        r#"
-[agent]
-node_id = "bench"
-listen_addr = "127.0.0.1:0"
-state_dir = "{state}"
-capacity_vcpus = 64
-capacity_memory_mb = 16384
-[qemu]
-kernel = "{kernel}"
-[network]
-bridge_name = "nbxbr0"
-subnet = "10.100.0.0/16"
-host_iface = "wan0"
-dns_server = "10.100.0.1"
-host_netns = "{host_ns}"
-netns_prefix = "{host_ns}-s-"
-[database]
-url = "host={socket} user=postgres dbname={dbname}"
-[object_store]
-location = "file://{objects}"
-[pool]
-replenish_interval_sec = 1
-max_idle_sec = 3600
-[[pool.templates]]
-name = "{TEMPLATE}"
-min_ready = 2
-max_ready = 2
-vcpus = 1
-memory_mb = 128
-"#,
-        state = work.join("state").display(),
-        socket = pg.socket_dir().display(),
-        dbname = db.get_dbname().unwrap(),
-        objects = work.join("objects").display(),
-    );
+    // The node's "host" namespace, private to the benchmark; its host interface leads
+    // nowhere (the benchmark's sandboxes are isolated). Removed on drop, with every
+    // sandbox namespace the agent made.
+    let net = NodeNet::isolated("nbb");
+    let config = AgentConfig {
+        node_id: "bench",
+        scheduler_addr: None,
+        state_dir: &work.join("state"),
+        capacity_vcpus: 64,
+        capacity_memory_mb: 16384,
+        run_as_user: None,
+        kernel: Path::new(kernel),
+        rest: &format!(
+            "{}\n{}",
+            storage_sections(&pg, &db, &work.join("objects")),
+            pool_sections(TEMPLATE, 2, 3600)
+        ),
+    }
+    .to_toml(&net);
     let config_path = work.join("nanobox.toml");
     std::fs::write(&config_path, config).unwrap();
-    let mut agent = Command::new(agent_bin)
-        .arg("--config")
-        .arg(&config_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(agent.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
-    let mut client = NodeAgentClient::connect(format!("http://{addr}"))
+    let mut agent = Process::spawn(
+        "node-agent",
+        service_command(agent_bin, &config_path).env("RUST_LOG", "warn"),
+    );
+    let mut client = NodeAgentClient::connect(format!("http://{}", agent.addr))
         .await
         .unwrap();
 
@@ -337,9 +260,8 @@ memory_mb = 128
     for id in &ids {
         destroy(&mut client, id).await;
     }
-    let _ = Command::new("kill").arg(agent.id().to_string()).status();
-    let _ = agent.wait();
-    let _ = Command::new("ip").args(["netns", "del", &host_ns]).status();
+    agent.terminate();
+    drop(net);
 
     println!(
         "{}",

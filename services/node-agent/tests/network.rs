@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use common::{create_request, Stack, TEMPLATE};
 use nanobox_proto::node::v1 as node;
 use nanobox_proto::v1;
+use nanobox_testkit::process::run;
 
 /// A web server in the simulated internet, stopped on drop.
 struct Server(std::process::Child);
@@ -29,7 +30,7 @@ fn serve(stack: &Stack, dir: &std::path::Path) -> Server {
         .args([
             "netns",
             "exec",
-            &stack.internet_ns,
+            stack.net.internet(),
             "python3",
             "-m",
             "http.server",
@@ -155,7 +156,7 @@ async fn internet_reaches_out_isolated_reaches_nothing() {
         "{:?}",
         stack.sandbox_namespaces()
     );
-    let links = common::run(&["ip", "-n", &stack.host_ns, "-o", "link"]);
+    let links = run(&["ip", "-n", &stack.net.host, "-o", "link"]);
     assert!(
         !links.contains("nbx")
             || links

@@ -283,7 +283,7 @@ async fn kill9_of_the_agent_leaves_no_orphans() {
         );
     }
     assert_eq!(stack.vmm_processes().len(), 3);
-    stack.agent.take().unwrap().kill9();
+    stack.agent.take().unwrap().kill();
     // The VMs outlive the agent (they are not its children's children to kill).
     assert_eq!(stack.vmm_processes().len(), 3);
 
@@ -530,7 +530,7 @@ async fn pause_resume_keeps_processes_and_survives_an_agent_restart() {
     );
 
     // A paused sandbox is only files: it survives a kill -9 of the agent.
-    stack.agent.take().unwrap().kill9();
+    stack.agent.take().unwrap().kill();
     stack.start_agent();
     let mut client = stack.client().await;
     assert_eq!(get(&mut client).await.state(), SandboxState::Paused);
