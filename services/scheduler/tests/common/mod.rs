@@ -6,203 +6,35 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use nanobox_core::{ImageConfig, TemplateName, TemplateState};
 use nanobox_proto::v1;
 use nanobox_proto::v1::cluster_client::ClusterClient;
 use nanobox_proto::v1::sandboxes_client::SandboxesClient;
-use nanobox_store::metadata::TemplateRecord;
-use nanobox_store::rootfs::{rootfs_keys, RootfsInfo};
-use nanobox_store::{LocalFsStore, MetadataStore, ObjectStore};
+use nanobox_store::{LocalFsStore, MetadataStore};
+use nanobox_testkit::config::{cluster_sections, storage_sections, AgentConfig};
+use nanobox_testkit::netns::NodeNet;
+use nanobox_testkit::node_agent::NodeAgent;
 use nanobox_testkit::postgres::Postgres;
-use nanobox_testkit::GuestArtifacts;
+use nanobox_testkit::process::{service_command, workspace_bin, Process};
+use nanobox_testkit::template::publish_template;
+use nanobox_testkit::{wait_until, GuestArtifacts};
 use tonic::transport::Channel;
 
 pub const TEMPLATE: &str = "busybox";
 pub const TOKEN: &str = "test-service-token-0123456789";
 
-/// A child process, killed on drop.
-pub struct Process {
-    child: Option<Child>,
-    pub addr: String,
-}
-
-impl Process {
-    fn spawn(mut command: Command, what: &str) -> Self {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("{what} did not start: {line:?}"))
-            .to_owned();
-        Self {
-            child: Some(child),
-            addr,
-        }
-    }
-
-    /// SIGKILL: no chance to clean up or say goodbye.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn terminate(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg(child.id().to_string()).status();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.terminate();
-    }
-}
-
-/// Runs a command and insists it worked.
-pub fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The node's "host" namespace with a default route out through a veth to a simulated
-/// internet namespace (the agent needs a host interface for NAT).
-fn make_namespaces(prefix: &str) -> String {
-    let host = format!("{prefix}host");
-    let internet = format!("{prefix}inet");
-    run(&["ip", "netns", "add", &host]);
-    run(&["ip", "netns", "add", &internet]);
-    for args in [
-        vec!["ip", "-n", &host, "link", "set", "lo", "up"],
-        vec!["ip", "-n", &internet, "link", "set", "lo", "up"],
-        vec![
-            "ip", "-n", &host, "link", "add", "wan0", "type", "veth", "peer", "name", "wan0",
-            "netns", &internet,
-        ],
-        vec![
-            "ip",
-            "-n",
-            &host,
-            "addr",
-            "add",
-            "10.254.0.1/24",
-            "dev",
-            "wan0",
-        ],
-        vec!["ip", "-n", &host, "link", "set", "wan0", "up"],
-        vec![
-            "ip",
-            "-n",
-            &internet,
-            "addr",
-            "add",
-            "10.254.0.2/24",
-            "dev",
-            "wan0",
-        ],
-        vec!["ip", "-n", &internet, "link", "set", "wan0", "up"],
-        vec![
-            "ip",
-            "-n",
-            &host,
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.254.0.2",
-        ],
-    ] {
-        run(&args);
-    }
-    host
-}
-
 /// The node agent binary: `NANOBOX_NODE_AGENT_BIN`, else the one cargo built beside this
 /// test (`cargo build -p nanobox-node-agent` first).
 fn node_agent_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("NANOBOX_NODE_AGENT_BIN") {
-        return PathBuf::from(bin);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("node-agent"))
-        .unwrap();
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p nanobox-node-agent` first",
-        bin.display()
-    );
-    bin
-}
-
-pub struct Agent {
-    pub node_id: String,
-    pub process: Process,
-    pub dir: PathBuf,
-    pub ns_prefix: String,
-}
-
-impl Agent {
-    /// VMM processes of this agent (their command lines name its state directory).
-    pub fn vmm_processes(&self) -> Vec<u32> {
-        let needle = self.dir.join("state").display().to_string();
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.contains(&needle) && cmdline.contains("qemu") {
-                    pids.push(pid);
-                }
-            }
-        }
-        pids
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.process.terminate();
-        // VMs outlive a killed agent by design: kill what is left, whatever the test did.
-        for pid in self.vmm_processes() {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-        if let Ok(entries) = std::fs::read_dir("/run/netns") {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&self.ns_prefix) {
-                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
-                }
-            }
-        }
-    }
+    std::env::var_os("NANOBOX_NODE_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_bin("node-agent", "nanobox-node-agent"))
 }
 
 pub struct Cluster {
-    pub agents: Vec<Agent>,
+    pub agents: Vec<NodeAgent>,
     pub scheduler: Option<Process>,
     pub pg: Postgres,
     pub db: tokio_postgres::Config,
@@ -239,23 +71,9 @@ impl Cluster {
 
     fn common_config(&self) -> String {
         format!(
-            r#"
-[database]
-url = "host={socket} user=postgres dbname={db}"
-
-[object_store]
-location = "file://{objects}"
-
-[scheduler]
-heartbeat_interval_ms = 300
-node_lost_after_sec = 3
-
-[auth]
-service_token = "{TOKEN}"
-"#,
-            socket = self.pg.socket_dir().display(),
-            db = self.db.get_dbname().unwrap(),
-            objects = self.objects_dir().display(),
+            "{}\n{}",
+            storage_sections(&self.pg, &self.db, &self.objects_dir()),
+            cluster_sections(TOKEN, 3)
         )
     }
 
@@ -269,66 +87,40 @@ service_token = "{TOKEN}"
             ),
         )
         .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_scheduler"));
-        command.arg("--config").arg(&config).env("RUST_LOG", "info");
-        self.scheduler = Some(Process::spawn(command, "scheduler"));
+        self.scheduler = Some(Process::spawn(
+            "scheduler",
+            &mut service_command(env!("CARGO_BIN_EXE_scheduler"), &config),
+        ));
     }
 
     pub fn scheduler_addr(&self) -> String {
         self.scheduler.as_ref().unwrap().addr.clone()
     }
 
-    /// Starts a node agent `node_id` registering with the scheduler; `extra` is more
-    /// `nanobox.toml` text (a pool).
+    /// Starts a node agent `node_id` registering with the scheduler, in namespaces of its
+    /// own; `extra` is more `nanobox.toml` text (a pool).
     pub fn start_agent(&mut self, node_id: &str, extra: &str) {
         let dir = self.dir.path().join(node_id);
         std::fs::create_dir_all(&dir).unwrap();
-        let ns_prefix = format!("nbs{:08x}-", rand::random::<u32>());
-        let host_ns = make_namespaces(&ns_prefix);
-        let guest = GuestArtifacts::from_env();
-        let config = format!(
-            r#"
-[agent]
-node_id = "{node_id}"
-listen_addr = "127.0.0.1:0"
-scheduler_addr = "{scheduler}"
-state_dir = "{state}"
-capacity_vcpus = 4
-capacity_memory_mb = 1024
-run_as_user = "nobody"
-
-[qemu]
-kernel = "{kernel}"
-
-[network]
-bridge_name = "nbxbr0"
-subnet = "10.100.0.0/16"
-host_iface = "wan0"
-dns_server = "10.254.0.2"
-host_netns = "{host_ns}"
-netns_prefix = "{ns_prefix}s-"
-{common}
-{extra}
-"#,
-            scheduler = self.scheduler_addr(),
-            state = dir.join("state").display(),
-            kernel = guest.kernel.display(),
-            common = self.common_config(),
-        );
-        let path = dir.join("nanobox.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut command = Command::new(node_agent_bin());
-        command.arg("--config").arg(&path).env("RUST_LOG", "info");
-        let process = Process::spawn(command, "node-agent");
-        self.agents.push(Agent {
-            node_id: node_id.to_owned(),
-            process,
-            dir,
-            ns_prefix,
-        });
+        let config = AgentConfig {
+            node_id,
+            scheduler_addr: Some(&self.scheduler_addr()),
+            state_dir: &dir.join("state"),
+            capacity_vcpus: 4,
+            capacity_memory_mb: 1024,
+            run_as_user: Some("nobody"),
+            kernel: &GuestArtifacts::from_env().kernel,
+            rest: &format!("{}\n{extra}", self.common_config()),
+        };
+        self.agents.push(NodeAgent::start(
+            &node_agent_bin(),
+            &dir.join("nanobox.toml"),
+            &config,
+            NodeNet::with_internet("nbs"),
+        ));
     }
 
-    pub fn agent(&mut self, node_id: &str) -> &mut Agent {
+    pub fn agent(&mut self, node_id: &str) -> &mut NodeAgent {
         self.agents
             .iter_mut()
             .find(|a| a.node_id == node_id)
@@ -337,35 +129,9 @@ netns_prefix = "{ns_prefix}s-"
 
     /// Publishes the test root filesystem as template `name`.
     pub async fn publish_template(&self, name: &str) {
-        let rootfs = GuestArtifacts::from_env().rootfs;
         let objects = LocalFsStore::open(self.objects_dir()).unwrap();
-        let digest = format!("sha256:{}", sha256_file(&rootfs));
-        let keys = rootfs_keys(&digest, "test").unwrap();
-        let meta = objects.put_file(&keys.ext4, &rootfs).await.unwrap();
-        let info = RootfsInfo {
-            manifest_digest: digest.clone(),
-            init_version: "test".into(),
-            size_bytes: meta.size,
-            sha256: meta.sha256.clone().unwrap(),
-            config: ImageConfig::default(),
-        };
-        objects
-            .put_bytes(&keys.info, serde_json::to_vec(&info).unwrap().into())
-            .await
-            .unwrap();
-        self.meta()
-            .await
-            .upsert_template(&TemplateRecord {
-                name: TemplateName::new(name).unwrap(),
-                image_ref: "test/busybox:latest".into(),
-                manifest_digest: Some(digest),
-                rootfs_key: Some(keys.ext4.to_string()),
-                size_bytes: Some(meta.size),
-                image_config: ImageConfig::default(),
-                state: TemplateState::Ready,
-            })
-            .await
-            .unwrap();
+        let rootfs = GuestArtifacts::from_env().rootfs;
+        publish_template(&self.meta().await, &objects, name, &rootfs).await;
     }
 
     pub async fn sandboxes(&self) -> SandboxesClient<Channel> {
@@ -397,15 +163,8 @@ netns_prefix = "{ns_prefix}s-"
         limit: Duration,
         cond: impl Fn(&[v1::Node]) -> bool,
     ) -> Vec<v1::Node> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let nodes = self.nodes().await;
-            if cond(&nodes) {
-                return nodes;
-            }
-            assert!(Instant::now() < deadline, "{what}: {nodes:#?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let every = Duration::from_millis(200);
+        wait_until(what, limit, every, async || self.nodes().await, |n| cond(n)).await
     }
 
     /// Runs `sh -c script` through the scheduler: stdout, stderr, exit code.
@@ -440,9 +199,12 @@ netns_prefix = "{ns_prefix}s-"
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // Agents first (their orderly shutdown destroys their VMs), then the scheduler.
+        // Agents first (their orderly shutdown destroys their VMs), then the scheduler,
+        // given the same chance to stop in order.
         self.agents.clear();
-        self.scheduler.take();
+        if let Some(mut scheduler) = self.scheduler.take() {
+            scheduler.terminate();
+        }
     }
 }
 
@@ -456,13 +218,4 @@ pub fn small(template: &str) -> v1::CreateSandboxRequest {
         }),
         ..Default::default()
     }
-}
-
-fn sha256_file(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
 }
