@@ -6,8 +6,9 @@
 
 mod common;
 
-use common::{busybox_layout, Stack};
+use common::Stack;
 use nanobox_proto::v1::{self, TemplateState};
+use nanobox_testkit::images::busybox_layout;
 use nanobox_testkit::registry::{PushFormat, Registry};
 
 /// Warms `image` up as `name`, expects it to fail, and checks that nothing is left but

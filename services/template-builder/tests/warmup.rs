@@ -8,9 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{busybox_layout, Stack};
+use common::Stack;
 use nanobox_proto::v1::{self, TemplateState};
 use nanobox_store::ObjectStore as _;
+use nanobox_testkit::images::busybox_layout;
 use nanobox_testkit::registry::PushFormat;
 
 fn rootfs_objects(keys: &[String]) -> Vec<&String> {
@@ -268,7 +269,7 @@ async fn a_kill_mid_warmup_resumes_cleanly_after_restart() {
         assert!(std::time::Instant::now() < deadline, "{task:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stack.builder.take().unwrap().kill9();
+    stack.builder.take().unwrap().kill();
 
     // Nothing half-written is visible: no template, no root filesystem object.
     let meta = stack.meta().await;

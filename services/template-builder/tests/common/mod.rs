@@ -4,16 +4,16 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nanobox_proto::v1::templates_client::TemplatesClient;
 use nanobox_proto::v1::{self, TemplateState, WarmupTask};
 use nanobox_scheduler::auth::ClientAuth;
 use nanobox_store::{LocalFsStore, MetadataStore, ObjectStore};
+use nanobox_testkit::guest_init;
 use nanobox_testkit::postgres::Postgres;
+use nanobox_testkit::process::{service_command, Process};
 use nanobox_testkit::registry::Registry;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -34,98 +34,13 @@ pub type Client = TemplatesClient<InterceptedService<Channel, ClientAuth>>;
 /// ~370 MB and the machine is shared).
 pub const WARMUP_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The guest init to inject.
-pub fn init() -> PathBuf {
-    let path = std::env::var_os("NANOBOX_INIT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("NANOBOX_INIT is not set: run the tests with `cargo xtask test`")
-        });
-    assert!(
-        path.is_file(),
-        "NANOBOX_INIT={} does not exist",
-        path.display()
-    );
-    path
-}
-
-pub fn sh(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A small two-layer busybox image as an OCI layout (tag `v1`); `marker` goes into a
-/// file so different markers make different images.
-pub fn busybox_layout(work: &Path, marker: &str) -> PathBuf {
-    let layout = work.join(format!("layout-{marker}"));
-    let image = format!("{}:v1", layout.display());
-    sh(Command::new("umoci")
-        .args(["init", "--layout"])
-        .arg(&layout));
-    sh(Command::new("umoci").args(["new", "--image", &image]));
-    for (i, step) in ["busybox", "marker"].iter().enumerate() {
-        let bundle = work.join(format!("bundle-{marker}-{i}"));
-        sh(Command::new("umoci")
-            .args(["unpack", "--image", &image])
-            .arg(&bundle));
-        let root = bundle.join("rootfs");
-        if *step == "busybox" {
-            std::fs::create_dir_all(root.join("bin")).unwrap();
-            std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-            std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-        } else {
-            std::fs::create_dir_all(root.join("etc")).unwrap();
-            std::fs::write(root.join("etc/marker"), marker).unwrap();
-        }
-        sh(Command::new("umoci")
-            .args(["repack", "--image", &image])
-            .arg(&bundle));
-        std::fs::remove_dir_all(&bundle).unwrap();
-    }
-    sh(Command::new("umoci").args([
-        "config",
-        "--image",
-        &image,
-        "--config.env",
-        &format!("MARKER={marker}"),
-        "--config.workingdir",
-        "/etc",
-    ]));
-    layout
-}
-
-/// A running template-builder process; killed on drop.
-pub struct BuilderProcess {
-    child: Child,
-    pub addr: String,
-}
-
-impl Drop for BuilderProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl BuilderProcess {
-    /// SIGKILL: no chance to clean up.
-    pub fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Everything a template-builder needs, and the builder.
 pub struct Stack {
     pub pg: Postgres,
     pub db: tokio_postgres::Config,
     pub registry: Registry,
     pub dir: tempfile::TempDir,
-    pub builder: Option<BuilderProcess>,
+    pub builder: Option<Process>,
     /// `[api].api_keys` of the next start; empty leaves the API open.
     pub api_keys: Vec<String>,
     /// More `nanobox.toml` text for the next start, appended to the harness's own.
@@ -179,11 +94,7 @@ impl Stack {
     /// `[object_store]`, `[api]`, then [`Stack::extra_config`]) and starts the builder
     /// with `--config`.
     pub fn start_builder(&mut self) {
-        let db = format!(
-            "host={} user=postgres dbname={}",
-            self.pg.socket_dir().display(),
-            self.db.get_dbname().unwrap()
-        );
+        let db = self.pg.url(&self.db);
         let keys: Vec<String> = self.api_keys.iter().map(toml_str).collect();
         let config = format!(
             "[builder]\nlisten_addr = \"127.0.0.1:0\"\nwork_dir = {work}\n\n\
@@ -192,7 +103,7 @@ impl Stack {
              [object_store]\nlocation = {objects}\n\n\
              [api]\napi_keys = [{keys}]\n\n{extra}\n",
             work = toml_str(self.work_dir().to_string_lossy()),
-            init = toml_str(init().to_string_lossy()),
+            init = toml_str(guest_init().to_string_lossy()),
             registry = toml_str(&self.registry.host),
             db = toml_str(db),
             objects = toml_str(format!("file://{}", self.objects_dir().display())),
@@ -200,24 +111,11 @@ impl Stack {
             extra = self.extra_config,
         );
         std::fs::write(self.config_path(), config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_template-builder"))
-            .arg("--config")
-            .arg(self.config_path())
-            .env("RUST_LOG", "info")
-            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("template-builder did not start: {line:?}"))
-            .to_owned();
-        self.builder = Some(BuilderProcess { child, addr });
+        self.builder = Some(Process::spawn(
+            "template-builder",
+            service_command(env!("CARGO_BIN_EXE_template-builder"), &self.config_path())
+                .envs(self.extra_env.iter().map(|(k, v)| (k, v))),
+        ));
     }
 
     /// The builder's address (`host:port`).
