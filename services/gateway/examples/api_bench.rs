@@ -15,18 +15,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nanobox_core::{ImageConfig, TemplateName, TemplateState};
 use nanobox_proto::v1;
 use nanobox_proto::v1::sandboxes_client::SandboxesClient;
-use nanobox_store::metadata::TemplateRecord;
-use nanobox_store::rootfs::{rootfs_keys, RootfsInfo};
-use nanobox_store::{LocalFsStore, MetadataStore, ObjectStore};
+use nanobox_store::{LocalFsStore, MetadataStore};
+use nanobox_testkit::config::{cluster_sections, pool_sections, storage_sections, AgentConfig};
+use nanobox_testkit::netns::NodeNet;
 use nanobox_testkit::postgres::Postgres;
+use nanobox_testkit::process::{service_command, Process};
+use nanobox_testkit::template::publish_template;
 use serde_json::Value;
 
 const TEMPLATE: &str = "bench";
@@ -42,84 +41,14 @@ const GETS: usize = 200;
 /// Hang guard for the pool to fill.
 const POOL_FILL: Duration = Duration::from_secs(900);
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+/// How long a service may take to stop in order (a node agent destroys its VMs) before it
+/// is killed.
+const STOP_GRACE: Duration = Duration::from_secs(60);
 
-/// A child process, killed on drop (SIGTERM first so a node agent destroys its VMs).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Spawns `bin --config <config>` and reads its `listening on <addr>` line.
-fn spawn(bin: &str, config: &Path) -> (Proc, String) {
-    let mut child = Command::new(bin)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .env_remove("NANOBOX_CONFIG")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("{bin} did not start: {line:?}"))
-        .to_owned();
-    (Proc(child), addr)
-}
-
-/// Publishes `rootfs` as a READY template, the way the template-builder does.
-async fn publish(meta: &MetadataStore, objects_dir: &Path, rootfs: &Path) {
-    let objects = LocalFsStore::open(objects_dir).unwrap();
-    let data = std::fs::read(rootfs).unwrap();
-    let digest = format!("sha256:{}", nanobox_store::sha256_hex(&data));
-    let keys = rootfs_keys(&digest, "bench").unwrap();
-    let stored = objects.put_file(&keys.ext4, rootfs).await.unwrap();
-    let info = RootfsInfo {
-        manifest_digest: digest.clone(),
-        init_version: "bench".into(),
-        size_bytes: stored.size,
-        sha256: stored.sha256.clone().unwrap(),
-        config: ImageConfig::default(),
-    };
-    objects
-        .put_bytes(&keys.info, serde_json::to_vec(&info).unwrap().into())
-        .await
-        .unwrap();
-    meta.upsert_template(&TemplateRecord {
-        name: TemplateName::new(TEMPLATE).unwrap(),
-        image_ref: "bench/busybox".into(),
-        manifest_digest: Some(digest),
-        rootfs_key: Some(keys.ext4.to_string()),
-        size_bytes: Some(stored.size),
-        image_config: ImageConfig::default(),
-        state: TemplateState::Ready,
-    })
-    .await
-    .unwrap();
+/// Starts `bin --config <config>` and waits for its address; stopped in order on drop.
+fn spawn(name: &str, bin: &str, config: &Path) -> Process {
+    Process::spawn(name, service_command(bin, config).env("RUST_LOG", "warn"))
+        .stop_on_drop(STOP_GRACE)
 }
 
 #[derive(Clone)]
@@ -204,25 +133,12 @@ async fn main() {
     let meta = MetadataStore::open(db.clone(), Default::default())
         .await
         .unwrap();
-    publish(&meta, &work.join("objects"), Path::new(rootfs)).await;
+    let objects = LocalFsStore::open(work.join("objects")).unwrap();
+    publish_template(&meta, &objects, TEMPLATE, Path::new(rootfs)).await;
     let common = format!(
-        r#"
-[database]
-url = "host={socket} user=postgres dbname={dbname}"
-
-[object_store]
-location = "file://{objects}"
-
-[scheduler]
-heartbeat_interval_ms = 300
-node_lost_after_sec = 10
-
-[auth]
-service_token = "{TOKEN}"
-"#,
-        socket = pg.socket_dir().display(),
-        dbname = db.get_dbname().unwrap(),
-        objects = work.join("objects").display(),
+        "{}\n{}",
+        storage_sections(&pg, &db, &work.join("objects")),
+        cluster_sections(TOKEN, 10)
     );
 
     let scheduler_config = work.join("scheduler.toml");
@@ -231,54 +147,26 @@ service_token = "{TOKEN}"
         format!("[api]\ngrpc_addr = \"127.0.0.1:0\"\n{common}"),
     )
     .unwrap();
-    let (_scheduler, scheduler_addr) = spawn(scheduler_bin, &scheduler_config);
+    let scheduler = spawn("scheduler", scheduler_bin, &scheduler_config);
+    let scheduler_addr = scheduler.addr.clone();
 
     // The node's "host" namespace, private to the benchmark, with a veth kept inside it
-    // as the host interface.
-    let host_ns = format!("nba{:08x}-host", std::process::id());
-    sh(&["ip", "netns", "add", &host_ns]);
-    let _ns = NetnsGuard(host_ns.clone());
-    sh(&[
-        "ip", "-n", &host_ns, "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
-    ]);
-    sh(&["ip", "-n", &host_ns, "link", "set", "wan0", "up"]);
+    // as the host interface. Removed last, with every sandbox namespace.
+    let net = NodeNet::isolated("nba");
     let agent_config = work.join("agent.toml");
-    std::fs::write(
-        &agent_config,
-        format!(
-            r#"
-[agent]
-node_id = "bench"
-listen_addr = "127.0.0.1:0"
-scheduler_addr = "{scheduler_addr}"
-state_dir = "{state}"
-capacity_vcpus = 64
-capacity_memory_mb = 16384
-[qemu]
-kernel = "{kernel}"
-[network]
-bridge_name = "nbxbr0"
-subnet = "10.100.0.0/16"
-host_iface = "wan0"
-dns_server = "10.100.0.1"
-host_netns = "{host_ns}"
-netns_prefix = "{host_ns}-s-"
-{common}
-[pool]
-replenish_interval_sec = 1
-max_idle_sec = 3600
-[[pool.templates]]
-name = "{TEMPLATE}"
-min_ready = {POOL}
-max_ready = {POOL}
-vcpus = 1
-memory_mb = 128
-"#,
-            state = work.join("state").display(),
-        ),
-    )
-    .unwrap();
-    let agent = spawn(agent_bin, &agent_config).0;
+    let text = AgentConfig {
+        node_id: "bench",
+        scheduler_addr: Some(&scheduler_addr),
+        state_dir: &work.join("state"),
+        capacity_vcpus: 64,
+        capacity_memory_mb: 16384,
+        run_as_user: None,
+        kernel: Path::new(kernel),
+        rest: &format!("{common}\n{}", pool_sections(TEMPLATE, POOL, 3600)),
+    }
+    .to_toml(&net);
+    std::fs::write(&agent_config, text).unwrap();
+    let agent = spawn("node-agent", agent_bin, &agent_config);
 
     let gateway_config = work.join("gateway.toml");
     std::fs::write(
@@ -289,7 +177,8 @@ memory_mb = 128
         ),
     )
     .unwrap();
-    let (gateway, gateway_addr) = spawn(gateway_bin, &gateway_config);
+    let gateway = spawn("gateway", gateway_bin, &gateway_config);
+    let gateway_addr = gateway.addr.clone();
 
     let rest = Rest {
         http: reqwest::Client::builder()
@@ -406,20 +295,4 @@ memory_mb = 128
             "grpc_get_ms": grpc_get,
         })
     );
-}
-
-/// Deletes the benchmark's network namespaces (the host one and every sandbox one).
-struct NetnsGuard(String);
-
-impl Drop for NetnsGuard {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir("/run/netns") {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&self.0) {
-                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
-                }
-            }
-        }
-    }
 }

@@ -21,60 +21,30 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{assert_error, start_gateway, Client, GatewayConfig, Process, KEY};
+use common::{assert_error, start_gateway, Client, GatewayConfig, KEY};
 use nanobox_core::{ImageConfig, TemplateName, TemplateState};
 use nanobox_proto::node::v1 as node;
 use nanobox_proto::node::v1::node_agent_client::NodeAgentClient;
 use nanobox_proto::v1;
 use nanobox_proto::v1::sandboxes_client::SandboxesClient;
 use nanobox_store::metadata::TemplateRecord;
-use nanobox_store::rootfs::{rootfs_keys, RootfsInfo};
-use nanobox_store::{LocalFsStore, MetadataStore, ObjectStore};
+use nanobox_store::{LocalFsStore, MetadataStore};
+use nanobox_testkit::config::{cluster_sections, pool_sections, storage_sections, AgentConfig};
+use nanobox_testkit::netns::NodeNet;
+use nanobox_testkit::node_agent::NodeAgent;
 use nanobox_testkit::postgres::Postgres;
+use nanobox_testkit::process::{service_command, workspace_bin, Process};
+use nanobox_testkit::template::publish_template;
+use nanobox_testkit::GuestArtifacts;
 use serde_json::Value;
 
 const TOKEN: &str = "test-service-token-0123456789";
 const TEMPLATE: &str = "base";
 /// Hang guard for anything that waits on guests booting under TCG.
 const SETTLE: Duration = Duration::from_secs(240);
-
-fn env_path(name: &str) -> PathBuf {
-    let path = PathBuf::from(
-        std::env::var_os(name)
-            .unwrap_or_else(|| panic!("{name} is not set: run the tests with `cargo xtask test`")),
-    );
-    assert!(path.is_file(), "{name}={} does not exist", path.display());
-    path
-}
-
-/// A binary of another package of this workspace, beside this test's.
-fn workspace_bin(name: &str, package: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join(name))
-        .unwrap();
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p {package}` first (cargo xtask test builds it)",
-        bin.display()
-    );
-    bin
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A free loopback port (so a restarted scheduler comes back at the same address).
 fn free_port() -> u16 {
@@ -83,109 +53,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// One node's namespaces: its "host" namespace with a default route through a veth to a
-/// stand-in for the internet. Removed on drop with every sandbox namespace under the prefix.
-struct Namespaces {
-    prefix: String,
-    host: String,
-}
-
-impl Namespaces {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let prefix = format!("nbf{:07x}{tag}-", (std::process::id() ^ nanos) & 0xfff_ffff);
-        let host = format!("{prefix}host");
-        let inet = format!("{prefix}inet");
-        run(&["ip", "netns", "add", &host]);
-        run(&["ip", "netns", "add", &inet]);
-        for args in [
-            vec!["ip", "-n", &host, "link", "set", "lo", "up"],
-            vec!["ip", "-n", &inet, "link", "set", "lo", "up"],
-            vec![
-                "ip", "-n", &host, "link", "add", "wan0", "type", "veth", "peer", "name", "wan0",
-                "netns", &inet,
-            ],
-            vec![
-                "ip",
-                "-n",
-                &host,
-                "addr",
-                "add",
-                "10.254.0.1/24",
-                "dev",
-                "wan0",
-            ],
-            vec!["ip", "-n", &host, "link", "set", "wan0", "up"],
-            vec![
-                "ip",
-                "-n",
-                &inet,
-                "addr",
-                "add",
-                "10.254.0.2/24",
-                "dev",
-                "wan0",
-            ],
-            vec!["ip", "-n", &inet, "link", "set", "wan0", "up"],
-            vec![
-                "ip",
-                "-n",
-                &host,
-                "route",
-                "add",
-                "default",
-                "via",
-                "10.254.0.2",
-            ],
-        ] {
-            run(&args);
-        }
-        Self { prefix, host }
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir("/run/netns") {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&self.prefix) {
-                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
-                }
-            }
-        }
-    }
-}
-
-/// A node agent; stopped with SIGTERM (which destroys its VMs), and any VMM left behind
-/// killed. Declared after its namespaces so it goes first.
-struct Agent {
-    process: Process,
-    state_dir: PathBuf,
-    _namespaces: Namespaces,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.process.stop(Duration::from_secs(30));
-        let needle = self.state_dir.display().to_string();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.contains(&needle) && cmdline.contains("qemu") {
-                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                }
-            }
-        }
-    }
 }
 
 struct Stack {
@@ -203,13 +70,15 @@ impl Stack {
             .unwrap()
     }
 
+    fn objects_dir(&self) -> PathBuf {
+        self.dir.path().join("objects")
+    }
+
     fn common_config(&self) -> String {
         format!(
-            "[database]\nurl = \"host={} user=postgres dbname={}\"\n\n[object_store]\nlocation = \"file://{}\"\n\n\
-             [scheduler]\nheartbeat_interval_ms = 300\nnode_lost_after_sec = 5\n\n[auth]\nservice_token = \"{TOKEN}\"\n",
-            self.pg.socket_dir().display(),
-            self.db.get_dbname().unwrap(),
-            self.dir.path().join("objects").display(),
+            "{}\n{}",
+            storage_sections(&self.pg, &self.db, &self.objects_dir()),
+            cluster_sections(TOKEN, 5)
         )
     }
 
@@ -224,127 +93,44 @@ impl Stack {
             ),
         )
         .unwrap();
-        let process = Process::spawn(
-            "scheduler",
-            Command::new(workspace_bin("scheduler", "nanobox-scheduler-service"))
-                .arg("--config")
-                .arg(&config)
-                .env("RUST_LOG", "info")
-                .env_remove("NANOBOX_CONFIG"),
-        );
+        let bin = workspace_bin("scheduler", "nanobox-scheduler-service");
+        let process = Process::spawn("scheduler", &mut service_command(bin, &config));
         assert_eq!(process.addr, self.scheduler_addr);
         self.scheduler = Some(process);
     }
 
-    fn start_agent(&self, node_id: &str, memory_mb: u32, extra: &str) -> Agent {
-        let namespaces = Namespaces::new(&node_id[node_id.len() - 1..]);
-        let state_dir = self.dir.path().join(node_id).join("state");
-        let config = self.dir.path().join(format!("{node_id}.toml"));
-        std::fs::write(
+    /// Starts node agent `node_id` (4 vCPUs, `memory_mb`) in namespaces of its own; `extra`
+    /// is more `nanobox.toml` text (a pool).
+    fn start_agent(&self, node_id: &str, memory_mb: u64, extra: &str) -> NodeAgent {
+        let config = AgentConfig {
+            node_id,
+            scheduler_addr: Some(&self.scheduler_addr),
+            state_dir: &self.dir.path().join(node_id).join("state"),
+            capacity_vcpus: 4,
+            capacity_memory_mb: memory_mb,
+            run_as_user: Some("nobody"),
+            kernel: &GuestArtifacts::from_env().kernel,
+            rest: &format!("{}\n{extra}", self.common_config()),
+        };
+        NodeAgent::start(
+            &workspace_bin("node-agent", "nanobox-node-agent"),
+            &self.dir.path().join(format!("{node_id}.toml")),
             &config,
-            format!(
-                r#"[agent]
-node_id = "{node_id}"
-listen_addr = "127.0.0.1:0"
-scheduler_addr = "{scheduler}"
-state_dir = "{state}"
-capacity_vcpus = 4
-capacity_memory_mb = {memory_mb}
-run_as_user = "nobody"
-
-[qemu]
-kernel = "{kernel}"
-
-[network]
-bridge_name = "nbxbr0"
-subnet = "10.100.0.0/16"
-host_iface = "wan0"
-dns_server = "10.254.0.2"
-host_netns = "{host}"
-netns_prefix = "{prefix}s-"
-
-{common}
-{extra}"#,
-                scheduler = self.scheduler_addr,
-                state = state_dir.display(),
-                kernel = env_path("NANOBOX_TEST_KERNEL").display(),
-                host = namespaces.host,
-                prefix = namespaces.prefix,
-                common = self.common_config(),
-            ),
+            NodeNet::with_internet(&format!("nbf{}", &node_id[node_id.len() - 1..])),
         )
-        .unwrap();
-        Agent {
-            process: Process::spawn(
-                "node-agent",
-                Command::new(workspace_bin("node-agent", "nanobox-node-agent"))
-                    .arg("--config")
-                    .arg(&config)
-                    .env("RUST_LOG", "info")
-                    .env_remove("NANOBOX_CONFIG"),
-            ),
-            state_dir,
-            _namespaces: namespaces,
-        }
     }
 
     /// Publishes the test rootfs as a READY template, as the template-builder would.
     async fn publish(&self, name: &str) {
-        let rootfs = env_path("NANOBOX_TEST_ROOTFS");
-        let objects = LocalFsStore::open(self.dir.path().join("objects")).unwrap();
-        let data = std::fs::read(&rootfs).unwrap();
-        let digest = format!("sha256:{}", nanobox_store::sha256_hex(&data));
-        let keys = rootfs_keys(&digest, "test").unwrap();
-        let stored = objects.put_file(&keys.ext4, &rootfs).await.unwrap();
-        let info = RootfsInfo {
-            manifest_digest: digest.clone(),
-            init_version: "test".into(),
-            size_bytes: stored.size,
-            sha256: stored.sha256.clone().unwrap(),
-            config: ImageConfig::default(),
-        };
-        objects
-            .put_bytes(&keys.info, serde_json::to_vec(&info).unwrap().into())
-            .await
-            .unwrap();
-        self.meta()
-            .await
-            .upsert_template(&TemplateRecord {
-                name: TemplateName::new(name).unwrap(),
-                image_ref: "test/busybox:latest".into(),
-                manifest_digest: Some(digest),
-                rootfs_key: Some(keys.ext4.to_string()),
-                size_bytes: Some(stored.size),
-                image_config: ImageConfig::default(),
-                state: TemplateState::Ready,
-            })
-            .await
-            .unwrap();
+        let objects = LocalFsStore::open(self.objects_dir()).unwrap();
+        let rootfs = GuestArtifacts::from_env().rootfs;
+        publish_template(&self.meta().await, &objects, name, &rootfs).await;
     }
 }
 
 /// Polls `GET path` until `done` holds for the answer (hang guard: [`SETTLE`]).
 async fn wait_for(client: &Client, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    wait_within(client, path, what, SETTLE, done).await
-}
-
-/// [`wait_for`] with another hang guard.
-async fn wait_within(
-    client: &Client,
-    path: &str,
-    what: &str,
-    limit: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let answer = client.get(path).await;
-        if answer.status == 200 && done(&answer.json) {
-            return answer.json;
-        }
-        assert!(Instant::now() < deadline, "{what}: {answer:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    client.wait_for(path, what, SETTLE, done).await
 }
 
 fn both_ready(nodes: &Value) -> bool {
@@ -404,7 +190,7 @@ async fn scheduler_ids(client: &Client) -> BTreeSet<String> {
 
 /// The sandboxes a node agent holds (its own `ListSandboxes`, STOPPED ones left out), with
 /// their states as the REST API names them.
-async fn node_sandboxes(agent: &Agent) -> BTreeMap<String, String> {
+async fn node_sandboxes(agent: &NodeAgent) -> BTreeMap<String, String> {
     let mut client = NodeAgentClient::connect(format!("http://{}", agent.process.addr))
         .await
         .unwrap();
@@ -425,13 +211,13 @@ async fn node_sandboxes(agent: &Agent) -> BTreeMap<String, String> {
 }
 
 /// The ids of the sandboxes a node agent holds, STOPPED ones left out.
-async fn node_ids(agent: &Agent) -> BTreeSet<String> {
+async fn node_ids(agent: &NodeAgent) -> BTreeSet<String> {
     node_sandboxes(agent).await.into_keys().collect()
 }
 
 /// Resumes the sandbox of `record` on `agent` directly (a node-agent call with the
 /// service token, as the scheduler makes it).
-async fn resume_on_node(agent: &Agent, record: &nanobox_store::metadata::SandboxRecord) {
+async fn resume_on_node(agent: &NodeAgent, record: &nanobox_store::metadata::SandboxRecord) {
     let mut client = NodeAgentClient::connect(format!("http://{}", agent.process.addr))
         .await
         .unwrap();
@@ -637,14 +423,7 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
     stack.start_scheduler();
     // node-a holds a warm pool VM and offers room for it and two 128 MiB sandboxes; node-b
     // for two sandboxes. Both offer 4 vCPUs.
-    let agent_a = stack.start_agent(
-        "node-a",
-        384,
-        &format!(
-            "[pool]\nreplenish_interval_sec = 1\n\n[[pool.templates]]\nname = \"{TEMPLATE}\"\n\
-             min_ready = 1\nmax_ready = 1\nvcpus = 1\nmemory_mb = 128\n"
-        ),
-    );
+    let agent_a = stack.start_agent("node-a", 384, &pool_sections(TEMPLATE, 1, 600));
     let agent_b = stack.start_agent("node-b", 256, "");
     let gateway = start_gateway(
         stack.dir.path(),
@@ -848,14 +627,14 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
 
     // The restarted scheduler adopts the resume from node-b's report, without waiting
     // out the resume's deadline (180 s at least: this hang guard is shorter).
-    let adopted = wait_within(
-        &client,
-        &format!("/api/v1/sandboxes/{id3}"),
-        "the interrupted resume adopted as RUNNING",
-        Duration::from_secs(90),
-        |v| v["state"] == "SANDBOX_STATE_RUNNING",
-    )
-    .await;
+    let adopted = client
+        .wait_for(
+            &format!("/api/v1/sandboxes/{id3}"),
+            "the interrupted resume adopted as RUNNING",
+            Duration::from_secs(90),
+            |v| v["state"] == "SANDBOX_STATE_RUNNING",
+        )
+        .await;
     assert_eq!(
         adopted["snapshot_id"],
         resuming.snapshot_id.clone().unwrap(),

@@ -12,173 +12,40 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
-use common::{
-    assert_error, busybox_layout, start_builder, start_gateway, Client, GatewayConfig, Process, KEY,
-};
+use common::{assert_error, start_builder, start_gateway, Client, GatewayConfig, KEY};
+use nanobox_testkit::config::{cluster_sections, storage_sections, AgentConfig};
+use nanobox_testkit::env_file;
+use nanobox_testkit::images::busybox_layout;
+use nanobox_testkit::netns::NodeNet;
+use nanobox_testkit::node_agent::NodeAgent;
 use nanobox_testkit::postgres::Postgres;
+use nanobox_testkit::process::{service_command, workspace_bin, Process};
 use nanobox_testkit::registry::{PushFormat, Registry};
 use serde_json::Value;
 
 const TOKEN: &str = "test-service-token-0123456789";
 
-/// A binary of another package of this workspace, beside this test's.
-fn workspace_bin(name: &str, package: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join(name))
-        .unwrap();
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p {package}` first (cargo xtask test builds it)",
-        bin.display()
-    );
-    bin
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Network namespaces for the node agent: its "host" namespace, with a default route
-/// through a veth to a stand-in for the internet (the agent wants a host interface).
-/// Removed on drop, with every sandbox namespace the agent made under the prefix.
-struct Namespaces {
-    prefix: String,
-    host: String,
-}
-
-impl Namespaces {
-    fn new() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let prefix = format!("nbg{:08x}-", std::process::id() ^ nanos);
-        let host = format!("{prefix}host");
-        let inet = format!("{prefix}inet");
-        run(&["ip", "netns", "add", &host]);
-        run(&["ip", "netns", "add", &inet]);
-        run(&["ip", "-n", &host, "link", "set", "lo", "up"]);
-        run(&["ip", "-n", &inet, "link", "set", "lo", "up"]);
-        run(&[
-            "ip", "-n", &host, "link", "add", "wan0", "type", "veth", "peer", "name", "wan0",
-            "netns", &inet,
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &host,
-            "addr",
-            "add",
-            "10.254.0.1/24",
-            "dev",
-            "wan0",
-        ]);
-        run(&["ip", "-n", &host, "link", "set", "wan0", "up"]);
-        run(&[
-            "ip",
-            "-n",
-            &inet,
-            "addr",
-            "add",
-            "10.254.0.2/24",
-            "dev",
-            "wan0",
-        ]);
-        run(&["ip", "-n", &inet, "link", "set", "wan0", "up"]);
-        run(&[
-            "ip",
-            "-n",
-            &host,
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.254.0.2",
-        ]);
-        Self { prefix, host }
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir("/run/netns") {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&self.prefix) {
-                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
-                }
-            }
-        }
-    }
-}
-
-/// The node agent process; stopped with SIGTERM (which destroys its VMs), and any VMM left
-/// behind (a test that failed half way) killed.
-struct Agent {
-    process: Process,
-    state_dir: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.process.stop(Duration::from_secs(30));
-        let needle = self.state_dir.display().to_string();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.contains(&needle) && cmdline.contains("qemu") {
-                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                }
-            }
-        }
-    }
-}
-
 /// Polls `GET path` until `done` holds for the answer.
 async fn wait_for(client: &Client, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let answer = client.get(path).await;
-        if answer.status == 200 && done(&answer.json) {
-            return answer.json;
-        }
-        assert!(Instant::now() < deadline, "{what}: {answer:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    client
+        .wait_for(path, what, Duration::from_secs(120), done)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quick_start_over_rest_with_real_guests() {
-    let kernel = PathBuf::from(std::env::var_os("NANOBOX_TEST_KERNEL").unwrap_or_else(|| {
-        panic!("NANOBOX_TEST_KERNEL is not set: run the tests with `cargo xtask test`")
-    }));
     let pg = Postgres::start().await;
     let db = pg.create_database().await;
     let registry = Registry::start();
     let dir = tempfile::tempdir().unwrap();
     let builder = start_builder(&pg, &db, &registry, dir.path());
     let common = format!(
-        "[database]\nurl = \"host={} user=postgres dbname={}\"\n\n[object_store]\nlocation = \"file://{}\"\n\n\
-         [scheduler]\nheartbeat_interval_ms = 300\nnode_lost_after_sec = 3\n\n[auth]\nservice_token = \"{TOKEN}\"\n",
-        pg.socket_dir().display(),
-        db.get_dbname().unwrap(),
-        dir.path().join("objects").display(),
+        "{}\n{}",
+        storage_sections(&pg, &db, &dir.path().join("objects")),
+        cluster_sections(TOKEN, 3)
     );
 
     let scheduler_config = dir.path().join("scheduler.toml");
@@ -187,61 +54,25 @@ async fn quick_start_over_rest_with_real_guests() {
         format!("[api]\ngrpc_addr = \"127.0.0.1:0\"\n\n{common}"),
     )
     .unwrap();
-    let scheduler = Process::spawn(
-        "scheduler",
-        Command::new(workspace_bin("scheduler", "nanobox-scheduler"))
-            .arg("--config")
-            .arg(&scheduler_config)
-            .env("RUST_LOG", "info")
-            .env_remove("NANOBOX_CONFIG"),
-    );
+    let bin = workspace_bin("scheduler", "nanobox-scheduler");
+    let scheduler = Process::spawn("scheduler", &mut service_command(bin, &scheduler_config));
 
-    let namespaces = Namespaces::new();
-    let state_dir = dir.path().join("agent-state");
-    let agent_config = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_config,
-        format!(
-            r#"[agent]
-node_id = "node-1"
-listen_addr = "127.0.0.1:0"
-scheduler_addr = "{scheduler}"
-state_dir = "{state}"
-capacity_vcpus = 2
-capacity_memory_mb = 1024
-run_as_user = "nobody"
-
-[qemu]
-kernel = "{kernel}"
-
-[network]
-bridge_name = "nbxbr0"
-subnet = "10.100.0.0/16"
-host_iface = "wan0"
-dns_server = "10.254.0.2"
-host_netns = "{host}"
-netns_prefix = "{prefix}s-"
-
-{common}"#,
-            scheduler = scheduler.addr,
-            state = state_dir.display(),
-            kernel = kernel.display(),
-            host = namespaces.host,
-            prefix = namespaces.prefix,
-        ),
-    )
-    .unwrap();
-    let agent = Agent {
-        process: Process::spawn(
-            "node-agent",
-            Command::new(workspace_bin("node-agent", "nanobox-node-agent"))
-                .arg("--config")
-                .arg(&agent_config)
-                .env("RUST_LOG", "info")
-                .env_remove("NANOBOX_CONFIG"),
-        ),
-        state_dir,
+    let config = AgentConfig {
+        node_id: "node-1",
+        scheduler_addr: Some(&scheduler.addr),
+        state_dir: &dir.path().join("agent-state"),
+        capacity_vcpus: 2,
+        capacity_memory_mb: 1024,
+        run_as_user: Some("nobody"),
+        kernel: &env_file("NANOBOX_TEST_KERNEL"),
+        rest: &common,
     };
+    let agent = NodeAgent::start(
+        &workspace_bin("node-agent", "nanobox-node-agent"),
+        &dir.path().join("agent.toml"),
+        &config,
+        NodeNet::with_internet("nbg"),
+    );
 
     let gateway = start_gateway(
         dir.path(),
@@ -456,5 +287,4 @@ netns_prefix = "{prefix}s-"
     );
 
     drop(agent);
-    drop(namespaces);
 }

@@ -6,18 +6,18 @@
 
 mod common;
 
-use common::{
-    assert_error, busybox_layout, start_builder, start_gateway, Client, GatewayConfig, KEY,
-};
+use common::{assert_error, start_builder, start_gateway, Client, GatewayConfig, KEY};
+use nanobox_testkit::images::busybox_layout;
 use nanobox_testkit::postgres::Postgres;
+use nanobox_testkit::process::Process;
 use nanobox_testkit::registry::{PushFormat, Registry};
 
 /// Everything behind one gateway.
 struct Stack {
     _pg: Postgres,
     registry: Registry,
-    _builder: common::Process,
-    gateway: common::Process,
+    _builder: Process,
+    gateway: Process,
     _dir: tempfile::TempDir,
 }
 

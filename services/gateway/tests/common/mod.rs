@@ -9,13 +9,14 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nanobox_testkit::postgres::Postgres;
+use nanobox_testkit::process::{service_command, workspace_bin, Process};
 use nanobox_testkit::registry::Registry;
+use nanobox_testkit::{guest_init, wait_until};
 use serde_json::Value;
 
 /// The API key the test gateways accept.
@@ -24,159 +25,12 @@ pub const KEY: &str = "test-key-0123456789abcdef";
 /// How long a warmup of the small busybox image may take (a hang guard).
 pub const WARMUP_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// How long a process may take to print its address.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The guest init to inject.
-pub fn init() -> PathBuf {
-    let path = std::env::var_os("NANOBOX_INIT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("NANOBOX_INIT is not set: run the tests with `cargo xtask test`")
-        });
-    assert!(
-        path.is_file(),
-        "NANOBOX_INIT={} does not exist",
-        path.display()
-    );
-    path
-}
-
 /// The template-builder binary: `$NANOBOX_TEMPLATE_BUILDER`, else the one in this target
 /// directory.
 pub fn template_builder_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("NANOBOX_TEMPLATE_BUILDER") {
-        return PathBuf::from(path);
-    }
-    // The test runs from target/<profile>/deps/; the binaries are in target/<profile>/.
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("template-builder"))
-        .unwrap();
-    assert!(
-        path.is_file(),
-        "{} does not exist: run `cargo build -p nanobox-template-builder` first \
-         (cargo xtask test builds it)",
-        path.display()
-    );
-    path
-}
-
-pub fn sh(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A small two-layer busybox image as an OCI layout (tag `v1`), as the template-builder's
-/// tests make it; `marker` goes into a file so different markers make different images.
-pub fn busybox_layout(work: &Path, marker: &str) -> PathBuf {
-    let layout = work.join(format!("layout-{marker}"));
-    let image = format!("{}:v1", layout.display());
-    sh(Command::new("umoci")
-        .args(["init", "--layout"])
-        .arg(&layout));
-    sh(Command::new("umoci").args(["new", "--image", &image]));
-    for (i, step) in ["busybox", "marker"].iter().enumerate() {
-        let bundle = work.join(format!("bundle-{marker}-{i}"));
-        sh(Command::new("umoci")
-            .args(["unpack", "--image", &image])
-            .arg(&bundle));
-        let root = bundle.join("rootfs");
-        if *step == "busybox" {
-            std::fs::create_dir_all(root.join("bin")).unwrap();
-            std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-            std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-        } else {
-            std::fs::create_dir_all(root.join("etc")).unwrap();
-            std::fs::write(root.join("etc/marker"), marker).unwrap();
-        }
-        sh(Command::new("umoci")
-            .args(["repack", "--image", &image])
-            .arg(&bundle));
-        std::fs::remove_dir_all(&bundle).unwrap();
-    }
-    sh(Command::new("umoci").args([
-        "config",
-        "--image",
-        &image,
-        "--config.env",
-        &format!("MARKER={marker}"),
-        "--config.workingdir",
-        "/etc",
-    ]));
-    layout
-}
-
-/// A child process killed on drop.
-pub struct Process {
-    child: Child,
-    /// The address it printed (`listening on <addr>`).
-    pub addr: String,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Process {
-    /// Spawns `cmd` (stdout piped) and waits for its `listening on <addr>` line.
-    pub fn spawn(name: &str, cmd: &mut Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
-        let stdout = child.stdout.take().unwrap();
-        // Read the line on a thread so a process that never prints cannot hang the test.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep draining so the child never blocks on a full pipe.
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
-        let line = rx
-            .recv_timeout(START_TIMEOUT)
-            .unwrap_or_else(|_| panic!("{name} did not start within {START_TIMEOUT:?}"));
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("{name} did not start: {line:?}"))
-            .to_owned();
-        Self { child, addr }
-    }
-
-    /// Asks it to stop (SIGTERM) and waits up to `limit` for it, then kills it.
-    pub fn stop(&mut self, limit: Duration) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill();
-    }
-
-    /// Kills it (SIGKILL) and waits for it.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    std::env::var_os("NANOBOX_TEMPLATE_BUILDER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_bin("template-builder", "nanobox-template-builder"))
 }
 
 /// Starts a template-builder against `db` with a local object store under `dir`.
@@ -186,11 +40,7 @@ pub fn start_builder(
     registry: &Registry,
     dir: &Path,
 ) -> Process {
-    let database = format!(
-        "host={} user=postgres dbname={}",
-        pg.socket_dir().display(),
-        db.get_dbname().unwrap()
-    );
+    let database = pg.url(db);
     Process::spawn(
         "template-builder",
         Command::new(template_builder_bin())
@@ -200,7 +50,7 @@ pub fn start_builder(
             .arg("--work-dir")
             .arg(dir.join("work"))
             .arg("--init")
-            .arg(init())
+            .arg(guest_init())
             .arg("--plain-http-registry")
             .arg(&registry.host)
             .env("RUST_LOG", "info"),
@@ -250,12 +100,7 @@ pub fn start_gateway(dir: &Path, config: &GatewayConfig) -> Process {
     std::fs::write(&file, toml).unwrap();
     Process::spawn(
         "gateway",
-        Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .arg("--config")
-            .arg(&file)
-            .env("RUST_LOG", "info")
-            // Only this file configures the gateway under test.
-            .env_remove("NANOBOX_CONFIG"),
+        &mut service_command(env!("CARGO_BIN_EXE_gateway"), &file),
     )
 }
 
@@ -343,6 +188,24 @@ impl Client {
 
     pub async fn delete(&self, path: &str) -> Answer {
         self.send("DELETE", path, None).await
+    }
+
+    /// Polls `GET path` until it answers 200 with a body `done` holds for, and returns
+    /// that body (hang guard: `limit`).
+    pub async fn wait_for(
+        &self,
+        path: &str,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let every = Duration::from_millis(200);
+        let probe = async || self.get(path).await;
+        wait_until(what, limit, every, probe, |a| {
+            a.status == 200 && done(&a.json)
+        })
+        .await
+        .json
     }
 
     /// Polls `GET /api/v1/templates/{name}/status` until the task is READY or FAILED;
