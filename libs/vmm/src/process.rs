@@ -113,17 +113,20 @@ pub(crate) struct VmmProcess {
 }
 
 impl VmmProcess {
+    /// The handle's view of the process `pid` whose actor keeps `state`; the actor
+    /// publishes the exit through the returned sender.
     pub(crate) fn new(
         pid: Option<u32>,
         state: RunState,
-        exit: watch::Receiver<Option<ExitInfo>>,
-    ) -> Self {
-        Self {
+    ) -> (Self, watch::Sender<Option<ExitInfo>>) {
+        let (exit_tx, exit) = watch::channel(None);
+        let process = Self {
             pid,
             state,
             exit,
             killed: Mutex::new(false),
-        }
+        };
+        (process, exit_tx)
     }
 
     pub(crate) fn pid(&self) -> Option<u32> {
@@ -239,9 +242,28 @@ pub(crate) fn exit_info(
     }
 }
 
+/// Starts the tasks reading the VMM's output until its pipes close: its stdout (the
+/// guest's serial console) into `console`, onto our stderr too when `mirror` is set, and
+/// its stderr into `diagnostics`.
+pub(crate) fn capture_output(
+    child: &mut tokio::process::Child,
+    console: &ConsoleLog,
+    mirror: bool,
+    diagnostics: &ConsoleLog,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(tokio::spawn(capture(out, console.clone(), mirror)));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(tokio::spawn(capture(err, diagnostics.clone(), false)));
+    }
+    readers
+}
+
 /// Copies one of the VMM's output streams into `log` (bounded) until it closes, and onto
 /// our stderr too when `mirror` is set.
-pub(crate) async fn capture<R: AsyncRead + Unpin>(mut src: R, log: ConsoleLog, mirror: bool) {
+async fn capture<R: AsyncRead + Unpin>(mut src: R, log: ConsoleLog, mirror: bool) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut stderr = tokio::io::stderr();
     loop {

@@ -33,7 +33,7 @@ use super::plan::{self, PlannedRequest, AGENT_VSOCK_PORT};
 use super::snapshot::{self, SavedNet};
 use crate::backend::{AgentEndpoint, ExitInfo, SnapshotInfo, Vm, VmState};
 use crate::process::{
-    capture, drain_readers, exit_info, next_event, ActorEvent, RunState, VmmProcess,
+    capture_output, drain_readers, exit_info, next_event, ActorEvent, RunState, VmmProcess,
 };
 use crate::{ConsoleLog, VmmError};
 
@@ -161,25 +161,14 @@ pub(crate) fn spawn(cfg: &FirecrackerConfig, launch: Launch) -> Result<Firecrack
 
     let console = ConsoleLog::new(launch.console_limit);
     let diagnostics = ConsoleLog::new(DIAGNOSTICS_LIMIT);
-    let mut readers = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        readers.push(tokio::spawn(capture(
-            out,
-            console.clone(),
-            launch.console_to_stderr,
-        )));
-    }
-    if let Some(err) = child.stderr.take() {
-        readers.push(tokio::spawn(capture(err, diagnostics.clone(), false)));
-    }
+    let readers = capture_output(&mut child, &console, launch.console_to_stderr, &diagnostics);
     let (stop_log, stop_rx) = oneshot::channel();
     let log_reader = tokio::spawn(capture_fifo(log_rx, diagnostics.clone(), stop_rx));
     let stdin = child.stdin.take();
 
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let (exit_tx, exit_rx) = watch::channel(None);
     let state = RunState::new(VmState::Running);
-    let pid = child.id();
+    let (process, exit_tx) = VmmProcess::new(child.id(), state.clone());
     let api = ApiClient::new(&api_socket.host, launch.api_timeout);
     let actor = Actor {
         child,
@@ -191,7 +180,7 @@ pub(crate) fn spawn(cfg: &FirecrackerConfig, launch: Launch) -> Result<Firecrack
             .as_ref()
             .map(|j| j.cgroups.clone())
             .unwrap_or_default(),
-        state: state.clone(),
+        state,
         diagnostics,
         readers,
         log_reader: Some((log_reader, stop_log)),
@@ -199,7 +188,7 @@ pub(crate) fn spawn(cfg: &FirecrackerConfig, launch: Launch) -> Result<Firecrack
     tokio::spawn(actor.run(cmd_rx, exit_tx));
     Ok(FirecrackerVm {
         id: launch.id,
-        process: VmmProcess::new(pid, state, exit_rx),
+        process,
         run_dir: launch.layout.run_dir().to_path_buf(),
         api_socket: api_socket.host,
         vsock,

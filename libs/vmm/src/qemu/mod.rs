@@ -27,7 +27,7 @@ use crate::backend::{
     AgentEndpoint, BackendKind, Capabilities, ExitInfo, SnapshotInfo, Vm, VmBackend, VmState,
 };
 use crate::process::{
-    capture, drain_readers, exit_info, next_event, ActorEvent, RunState, VmmProcess,
+    capture_output, drain_readers, exit_info, next_event, ActorEvent, RunState, VmmProcess,
 };
 use crate::{detect_accel, Accel, ConsoleLog, VmSpec, VmmError};
 
@@ -229,38 +229,27 @@ impl QemuBackend {
 
         let console = ConsoleLog::new(spec.console_limit);
         let stderr_tail = ConsoleLog::new(STDERR_LIMIT);
-        let mut readers = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            readers.push(tokio::spawn(capture(
-                out,
-                console.clone(),
-                spec.console_to_stderr,
-            )));
-        }
-        if let Some(err) = child.stderr.take() {
-            readers.push(tokio::spawn(capture(err, stderr_tail.clone(), false)));
-        }
+        let readers = capture_output(&mut child, &console, spec.console_to_stderr, &stderr_tail);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let (exit_tx, exit_rx) = watch::channel(None);
         let state = RunState::new(if incoming {
             VmState::Paused
         } else {
             VmState::Running
         });
-        let pid = child.id();
+        let (process, exit_tx) = VmmProcess::new(child.id(), state.clone());
         let actor = Actor {
             child,
             qmp_path,
             qmp: None,
             run_dir: spec.run_dir.clone(),
-            state: state.clone(),
+            state,
             stderr_tail,
             readers,
         };
         tokio::spawn(actor.run(cmd_rx, exit_tx));
         Ok(QemuVm {
             id: spec.id.clone(),
-            process: VmmProcess::new(pid, state, exit_rx),
+            process,
             run_dir: spec.run_dir.clone(),
             agent_path,
             commands: cmd_tx,
