@@ -105,6 +105,20 @@ pub fn link_wan(host: &str, far: &str) {
     }
 }
 
+/// Adds a route to `dest` (a prefix, or `default`) via `gateway` in the namespace `ns`.
+pub fn add_route(ns: &str, dest: &str, gateway: Ipv4Addr) {
+    run(&[
+        "ip",
+        "-n",
+        ns,
+        "route",
+        "add",
+        dest,
+        "via",
+        &gateway.to_string(),
+    ]);
+}
+
 /// The network a node agent runs in: its "host" namespace (`host_netns`, where the agent
 /// makes its bridge and NAT rules) with the host interface [`WAN_IFACE`], and every
 /// namespace the agent makes for its sandboxes, under [`NodeNet::sandbox_prefix`]. All of
@@ -127,16 +141,7 @@ impl NodeNet {
         let host = netns.add("host");
         let internet = netns.add("inet");
         link_wan(&host, &internet);
-        run(&[
-            "ip",
-            "-n",
-            &host,
-            "route",
-            "add",
-            "default",
-            "via",
-            &WAN_FAR.to_string(),
-        ]);
+        add_route(&host, "default", WAN_FAR);
         Self {
             host,
             internet: Some(internet),

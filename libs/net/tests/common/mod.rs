@@ -54,17 +54,7 @@ impl World {
         run(&[
             "ip", "-n", &internet, "addr", "add", &service, "dev", "wan0",
         ]);
-        let far = WAN_FAR.to_string();
-        run(&[
-            "ip",
-            "-n",
-            &host,
-            "route",
-            "add",
-            "10.254.1.0/24",
-            "via",
-            &far,
-        ]);
+        netns::add_route(&host, "10.254.1.0/24", WAN_FAR);
         let state = tempfile::tempdir().unwrap();
         let config = NodeNetworkConfig {
             bridge_name: "nbxbr0".into(),
