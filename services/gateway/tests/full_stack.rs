@@ -489,8 +489,8 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
         .await;
     assert_error(&pause_unknown, 404, "NOT_FOUND", &unknown);
 
-    // Placement: the pooled node until it is full, then the other.
-    // (A pool VM's memory counts as allocated, so each create waits for the refill.)
+    // Placement: the pooled node until it is full, then the other. (Each create waits for
+    // the refill, so that the pool VM is there to be preferred.)
     let pool_refilled = async || {
         wait_for(&client, "/api/v1/nodes", "node-a's pool refilled", |v| {
             v["nodes"][0]["ready_pool"][TEMPLATE] == 1
@@ -503,8 +503,24 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
     let s2 = create(&client, 128).await;
     assert_eq!(s2["node_id"], "node-a", "{s2}");
     pool_refilled().await;
+    // node-a's 384 MiB now hold two sandboxes and its pool VM: that VM still serves a
+    // create (placement counts a ready pool VM's share as room), and then node-a is full.
+    let extra = create(&client, 128).await;
+    assert_eq!(extra["node_id"], "node-a", "{extra}");
+    // The scheduler places on the nodes' last reports: wait for node-a's report of its
+    // three sandboxes and empty pool (one sent before that create would still offer the
+    // pool VM's room).
+    wait_for(&client, "/api/v1/nodes", "node-a reported full", |v| {
+        v["nodes"][0]["sandboxes_running"] == 3 && v["nodes"][0]["ready_pool"][TEMPLATE] == 0
+    })
+    .await;
     let s3 = create(&client, 128).await;
     assert_eq!(s3["node_id"], "node-b", "{s3}");
+    // Deleted again, so that node-a is back to two sandboxes and its pool VM.
+    let extra = extra["id"].as_str().unwrap().to_owned();
+    let deleted = client.delete(&format!("/api/v1/sandboxes/{extra}")).await;
+    assert_eq!(deleted.status, 200, "{deleted:?}");
+    pool_refilled().await;
     let [id1, id2, id3] = [&s1, &s2, &s3].map(|s| s["id"].as_str().unwrap().to_owned());
     for id in [&id1, &id2, &id3] {
         exec_echo(&client, id, "hi").await;
@@ -527,6 +543,7 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
         .into_inner()
         .sandboxes
         .into_iter()
+        .filter(|s| s.state() != v1::SandboxState::Stopped)
         .map(|s| s.id)
         .collect();
     assert_eq!(over_grpc, scheduler_ids(&client).await);
