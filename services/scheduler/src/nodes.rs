@@ -161,6 +161,18 @@ impl Nodes {
         }
     }
 
+    /// Takes node `id` as full until its next report: it refused a create for capacity,
+    /// so what the scheduler last heard of it (free room, ready pool VMs) is out of date.
+    pub fn mark_full(&self, id: &str) {
+        if let Some(n) = self.lock().nodes.get_mut(id) {
+            n.status.allocated = n.status.capacity;
+            n.status.reclaimable = None;
+            for pool in &mut n.status.pools {
+                pool.ready = 0;
+            }
+        }
+    }
+
     /// Forgets a node (it was found lost).
     pub fn forget(&self, id: &str) {
         self.lock().nodes.remove(id);

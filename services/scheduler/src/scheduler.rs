@@ -47,6 +47,9 @@ pub struct Settings {
     pub call_deadline: Duration,
 }
 
+/// Nodes a create is offered to, best first, when the first ones refuse for capacity.
+const MAX_PLACEMENT_ATTEMPTS: usize = 3;
+
 /// What a pause produced.
 #[derive(Debug)]
 pub struct Paused {
@@ -180,10 +183,16 @@ impl Scheduler {
         let need = need_of(&spec.resources);
         let candidates = self.nodes.candidates(spec.template.as_str(), &digest);
         let order = placement::rank(&candidates, need, &mut rand::rng())?;
-        let node_id = candidates[order[0]].id.clone();
-        let reservation = self
-            .nodes
-            .reserve(&node_id, Some(spec.template.as_str()), need);
+        let mut node_id = candidates[order[0]].id.clone();
+        // Placement works from the nodes' last reports: one that has filled up since
+        // refuses for capacity, and the create moves on to the next candidate.
+        let mut fallbacks = order
+            .iter()
+            .skip(1)
+            .take(MAX_PLACEMENT_ATTEMPTS - 1)
+            .map(|&i| candidates[i].id.clone());
+        let template_name = spec.template.to_string();
+        let mut reservation = self.nodes.reserve(&node_id, Some(&template_name), need);
 
         let id = SandboxId::new();
         let (record, created) = self
@@ -218,11 +227,32 @@ impl Scheduler {
             metadata: spec.metadata.into_iter().collect(),
             hostname: String::new(),
         };
-        let mut client = self.node_client(&node_id).await?;
-        let answer = client
-            .create_sandbox(with_deadline(call, self.settings.create_deadline))
-            .await;
-        drop(reservation);
+        let answer = loop {
+            let mut client = self.node_client(&node_id).await?;
+            let answer = client
+                .create_sandbox(with_deadline(call.clone(), self.settings.create_deadline))
+                .await;
+            drop(reservation);
+            let full = matches!(&answer, Err(s) if s.code() == tonic::Code::ResourceExhausted);
+            let Some(next) = fallbacks.next().filter(|_| full) else {
+                break answer;
+            };
+            if let Err(status) = &answer {
+                tracing::info!(sandbox = %id, node = %node_id, next = %next, reason = %status.message(), "node refused the create for capacity; trying the next");
+            }
+            self.nodes.mark_full(&node_id);
+            if self
+                .meta
+                .move_starting_sandbox(&id, &node_id, &next)
+                .await?
+                .is_none()
+            {
+                // Deleted meanwhile (or given up by a reconcile pass): nothing was made.
+                return Err(SchedulerError::SandboxGone(id));
+            }
+            node_id = next;
+            reservation = self.nodes.reserve(&node_id, Some(&template_name), need);
+        };
         match answer.map(|r| r.into_inner().sandbox) {
             Ok(Some(sandbox)) => {
                 self.nodes.add_allocated(&node_id, need);

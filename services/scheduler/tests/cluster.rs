@@ -580,3 +580,84 @@ async fn pause_and_resume(cluster: &Cluster, sb: &v1::Sandbox) {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_refuses_for_capacity_passes_the_create_on() {
+    let mut cluster = Cluster::start().await;
+    cluster.start_agent("node-a", "");
+    // A real node agent with room for no 256 MiB sandbox, which does not register itself...
+    cluster.start_agent_with("spare", 128, false, "");
+    cluster
+        .wait_nodes("node-a registered", Duration::from_secs(240), |nodes| {
+            nodes.len() == 1 && nodes[0].state() == NodeState::Ready
+        })
+        .await;
+    // ...and a report for it that says it is roomy with a warm pool: what a report sent
+    // just before the node filled up looks like. Placement ranks it first.
+    let spare = cluster.agent("spare").process.addr.clone();
+    let mut registry = node::node_registry_client::NodeRegistryClient::connect(format!(
+        "http://{}",
+        cluster.scheduler_addr()
+    ))
+    .await
+    .unwrap();
+    let mut register = tonic::Request::new(node::RegisterRequest {
+        status: Some(node::NodeStatus {
+            node_id: "stale".into(),
+            address: spare,
+            capacity: Some(v1::Resources {
+                vcpu: 8,
+                memory_mb: 65536,
+                disk_mb: 0,
+            }),
+            allocated: Some(v1::Resources::default()),
+            pools: vec![node::TemplatePool {
+                template: TEMPLATE.into(),
+                ready: 4,
+                min_ready: 4,
+                max_ready: 4,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        version: "test".into(),
+        vmm: "qemu".into(),
+        ..Default::default()
+    });
+    register
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    registry.register(register).await.unwrap();
+
+    let mut request = small(TEMPLATE);
+    request.resources = Some(v1::Resources {
+        vcpu: 1,
+        memory_mb: 256,
+        disk_mb: 0,
+    });
+    let mut api = cluster.sandboxes().await;
+    let created = api
+        .create(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(created.state(), SandboxState::Running, "{created:?}");
+    assert_eq!(
+        created.node_id, "node-a",
+        "the refusal passed it on: {created:?}"
+    );
+    let (out, _, code) = cluster.sh(&created.id, "echo placed").await.unwrap();
+    assert_eq!((out.as_str(), code), ("placed\n", 0));
+    // The refusing node counts as full until it reports again: the next create goes
+    // straight to node-a.
+    let again = api
+        .create(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(again.node_id, "node-a", "{again:?}");
+}

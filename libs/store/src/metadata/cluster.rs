@@ -591,6 +591,31 @@ impl MetadataStore {
         row.as_ref().map(sandbox_from).transpose()
     }
 
+    /// Moves a create in flight from node `from` to node `to` (the first refused it for
+    /// capacity); `None` unless it is still STARTING on `from` and wanted (a delete, or a
+    /// reconcile pass that gave up on it, wins).
+    pub async fn move_starting_sandbox(
+        &self,
+        id: &SandboxId,
+        from: &str,
+        to: &str,
+    ) -> Result<Option<SandboxRecord>, MetadataError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE sandboxes SET node_id = $3, updated_at = now()
+                     WHERE id = $1 AND node_id = $2 AND observed_state = 'STARTING'
+                       AND desired_state = 'RUNNING'
+                     RETURNING {SANDBOX_COLUMNS}"
+                ),
+                &[&id.as_str(), &from, &to],
+            )
+            .await
+            .map_err(db("moving a create to another node"))?;
+        row.as_ref().map(sandbox_from).transpose()
+    }
+
     /// The sandboxes recorded on node `node_id` that are not stopped, oldest first.
     pub async fn node_sandboxes(&self, node_id: &str) -> Result<Vec<SandboxRecord>, MetadataError> {
         let client = self.client().await?;

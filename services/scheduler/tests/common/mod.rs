@@ -100,14 +100,21 @@ impl Cluster {
     /// Starts a node agent `node_id` registering with the scheduler, in namespaces of its
     /// own; `extra` is more `nanobox.toml` text (a pool).
     pub fn start_agent(&mut self, node_id: &str, extra: &str) {
+        self.start_agent_with(node_id, 1024, true, extra);
+    }
+
+    /// Like [`Self::start_agent`], with `memory_mb` of capacity, registering with the
+    /// scheduler only if `register`.
+    pub fn start_agent_with(&mut self, node_id: &str, memory_mb: u64, register: bool, extra: &str) {
         let dir = self.dir.path().join(node_id);
         std::fs::create_dir_all(&dir).unwrap();
+        let scheduler = self.scheduler_addr();
         let config = AgentConfig {
             node_id,
-            scheduler_addr: Some(&self.scheduler_addr()),
+            scheduler_addr: register.then_some(scheduler.as_str()),
             state_dir: &dir.join("state"),
             capacity_vcpus: 4,
-            capacity_memory_mb: 1024,
+            capacity_memory_mb: memory_mb,
             run_as_user: Some("nobody"),
             kernel: &GuestArtifacts::from_env().kernel,
             rest: &format!("{}\n{extra}", self.common_config()),
