@@ -538,11 +538,8 @@ impl MetadataStore {
         id: &SandboxId,
         seen: &SandboxObservation,
     ) -> Result<Option<SandboxRecord>, MetadataError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "UPDATE sandboxes SET
+        self.update_sandbox(
+            "
                          observed_state = coalesce($2, observed_state),
                          ip = coalesce($3, ip),
                          boot_time_ms = coalesce($4, boot_time_ms),
@@ -550,23 +547,40 @@ impl MetadataStore {
                          message = coalesce($6, message),
                          snapshot_id = CASE WHEN $2 = 'STOPPED' THEN NULL ELSE snapshot_id END,
                          updated_at = now()
-                     WHERE id = $1
-                     RETURNING {SANDBOX_COLUMNS}"
-                ),
-                &[
-                    &id.as_str(),
-                    &seen.state.map(SandboxState::as_str),
-                    &seen.ip,
-                    &seen
-                        .boot_time_ms
-                        .map(|b| i32_of(b, "boot_time_ms"))
-                        .transpose()?,
-                    &seen.expires_at,
-                    &seen.message,
-                ],
+                     WHERE id = $1",
+            &[
+                &id.as_str(),
+                &seen.state.map(SandboxState::as_str),
+                &seen.ip,
+                &seen
+                    .boot_time_ms
+                    .map(|b| i32_of(b, "boot_time_ms"))
+                    .transpose()?,
+                &seen.expires_at,
+                &seen.message,
+            ],
+            "recording a sandbox observation",
+        )
+        .await
+    }
+
+    /// Runs `UPDATE sandboxes SET {set_where}` (the assignments and the `WHERE` clause)
+    /// and returns the updated sandbox, or `None` if no row matched: every compare-and-set
+    /// on a sandbox goes through here.
+    async fn update_sandbox(
+        &self,
+        set_where: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        what: &'static str,
+    ) -> Result<Option<SandboxRecord>, MetadataError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("UPDATE sandboxes SET {set_where} RETURNING {SANDBOX_COLUMNS}"),
+                params,
             )
             .await
-            .map_err(db("recording a sandbox observation"))?;
+            .map_err(db(what))?;
         row.as_ref().map(sandbox_from).transpose()
     }
 
@@ -577,18 +591,12 @@ impl MetadataStore {
         id: &SandboxId,
         desired: SandboxState,
     ) -> Result<Option<SandboxRecord>, MetadataError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "UPDATE sandboxes SET desired_state = $2, updated_at = now() WHERE id = $1
-                     RETURNING {SANDBOX_COLUMNS}"
-                ),
-                &[&id.as_str(), &desired.as_str()],
-            )
-            .await
-            .map_err(db("setting a sandbox's desired state"))?;
-        row.as_ref().map(sandbox_from).transpose()
+        self.update_sandbox(
+            "desired_state = $2, updated_at = now() WHERE id = $1",
+            &[&id.as_str(), &desired.as_str()],
+            "setting a sandbox's desired state",
+        )
+        .await
     }
 
     /// Moves a create in flight from node `from` to node `to` (the first refused it for
@@ -600,20 +608,14 @@ impl MetadataStore {
         from: &str,
         to: &str,
     ) -> Result<Option<SandboxRecord>, MetadataError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "UPDATE sandboxes SET node_id = $3, updated_at = now()
+        self.update_sandbox(
+            "node_id = $3, updated_at = now()
                      WHERE id = $1 AND node_id = $2 AND observed_state = 'STARTING'
-                       AND desired_state = 'RUNNING'
-                     RETURNING {SANDBOX_COLUMNS}"
-                ),
-                &[&id.as_str(), &from, &to],
-            )
-            .await
-            .map_err(db("moving a create to another node"))?;
-        row.as_ref().map(sandbox_from).transpose()
+                       AND desired_state = 'RUNNING'",
+            &[&id.as_str(), &from, &to],
+            "moving a create to another node",
+        )
+        .await
     }
 
     /// The sandboxes recorded on node `node_id` that are not stopped, oldest first.
@@ -678,11 +680,8 @@ impl MetadataStore {
         id: &SandboxId,
         snapshot_id: Option<&str>,
     ) -> Result<Option<SandboxRecord>, MetadataError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "UPDATE sandboxes SET
+        self.update_sandbox(
+            "
                          observed_state = 'PAUSED',
                          desired_state = 'PAUSED',
                          snapshot_id = coalesce($2, snapshot_id),
@@ -691,14 +690,11 @@ impl MetadataStore {
                          message = '',
                          updated_at = now()
                      WHERE id = $1 AND desired_state <> 'STOPPED'
-                       AND observed_state NOT IN ('STOPPED', 'FAILED')
-                     RETURNING {SANDBOX_COLUMNS}"
-                ),
-                &[&id.as_str(), &snapshot_id],
-            )
-            .await
-            .map_err(db("recording a pause"))?;
-        row.as_ref().map(sandbox_from).transpose()
+                       AND observed_state NOT IN ('STOPPED', 'FAILED')",
+            &[&id.as_str(), &snapshot_id],
+            "recording a pause",
+        )
+        .await
     }
 
     /// Starts resuming sandbox `id` if it is PAUSED (and not being deleted): observed
@@ -709,24 +705,18 @@ impl MetadataStore {
         &self,
         id: &SandboxId,
     ) -> Result<Option<SandboxRecord>, MetadataError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "UPDATE sandboxes SET
+        self.update_sandbox(
+            "
                          observed_state = 'STARTING',
                          desired_state = 'RUNNING',
                          message = '',
                          resume_started_at = now(),
                          updated_at = now()
-                     WHERE id = $1 AND observed_state = 'PAUSED' AND desired_state <> 'STOPPED'
-                     RETURNING {SANDBOX_COLUMNS}"
-                ),
-                &[&id.as_str()],
-            )
-            .await
-            .map_err(db("starting a resume"))?;
-        row.as_ref().map(sandbox_from).transpose()
+                     WHERE id = $1 AND observed_state = 'PAUSED' AND desired_state <> 'STOPPED'",
+            &[&id.as_str()],
+            "starting a resume",
+        )
+        .await
     }
 
     /// Puts sandbox `id` back to PAUSED after a resume that failed, with `message` saying
@@ -737,11 +727,8 @@ impl MetadataStore {
         id: &SandboxId,
         message: &str,
     ) -> Result<Option<SandboxRecord>, MetadataError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "UPDATE sandboxes SET
+        self.update_sandbox(
+            "
                          observed_state = 'PAUSED',
                          desired_state = 'PAUSED',
                          ip = '',
@@ -749,14 +736,11 @@ impl MetadataStore {
                          message = $2,
                          updated_at = now()
                      WHERE id = $1 AND observed_state = 'STARTING'
-                       AND resume_started_at IS NOT NULL AND desired_state <> 'STOPPED'
-                     RETURNING {SANDBOX_COLUMNS}"
-                ),
-                &[&id.as_str(), &message],
-            )
-            .await
-            .map_err(db("undoing a failed resume"))?;
-        row.as_ref().map(sandbox_from).transpose()
+                       AND resume_started_at IS NOT NULL AND desired_state <> 'STOPPED'",
+            &[&id.as_str(), &message],
+            "undoing a failed resume",
+        )
+        .await
     }
 
     /// Records sandbox `id` running again after a resume (or a node reporting it running
@@ -768,11 +752,8 @@ impl MetadataStore {
         id: &SandboxId,
         seen: &SandboxObservation,
     ) -> Result<Option<SandboxRecord>, MetadataError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "UPDATE sandboxes SET
+        self.update_sandbox(
+            "
                          observed_state = 'RUNNING',
                          desired_state = 'RUNNING',
                          resumed_from = coalesce(snapshot_id, resumed_from),
@@ -783,22 +764,19 @@ impl MetadataStore {
                          message = '',
                          updated_at = now()
                      WHERE id = $1 AND desired_state <> 'STOPPED'
-                       AND observed_state NOT IN ('STOPPED', 'FAILED')
-                     RETURNING {SANDBOX_COLUMNS}"
-                ),
-                &[
-                    &id.as_str(),
-                    &seen.ip,
-                    &seen
-                        .boot_time_ms
-                        .map(|b| i32_of(b, "boot_time_ms"))
-                        .transpose()?,
-                    &seen.expires_at,
-                ],
-            )
-            .await
-            .map_err(db("recording a resume"))?;
-        row.as_ref().map(sandbox_from).transpose()
+                       AND observed_state NOT IN ('STOPPED', 'FAILED')",
+            &[
+                &id.as_str(),
+                &seen.ip,
+                &seen
+                    .boot_time_ms
+                    .map(|b| i32_of(b, "boot_time_ms"))
+                    .transpose()?,
+                &seen.expires_at,
+            ],
+            "recording a resume",
+        )
+        .await
     }
 
     /// The number of sandboxes in each observed state (states with none are absent).
