@@ -60,41 +60,38 @@ impl Node {
         let inner = &self.inner;
         let sandbox = {
             let mut sandboxes = lock(&inner.sandboxes);
-            let Some(sandbox) = sandboxes.get(id) else {
+            let Some(shared) = sandboxes.remove(id) else {
                 drop(sandboxes);
+                // Paused, gone or unknown: `running` says which.
                 return Err(match inner.running(id) {
                     Err(e) => e,
                     Ok(_) => NodeError::Internal(format!("sandbox {id} vanished")),
                 });
             };
-            if Arc::strong_count(sandbox) > 1 {
-                return Err(NodeError::FailedPrecondition(format!(
-                    "sandbox {id} has a command or file transfer in flight; pause it once that ends"
-                )));
-            }
-            let sandbox = sandboxes.remove(id);
+            // Only the map holds it, unless an exec or file transfer does.
+            let sandbox = match Arc::try_unwrap(shared) {
+                Ok(sandbox) => sandbox,
+                Err(shared) => {
+                    sandboxes.insert(id.clone(), shared);
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "sandbox {id} has a command or file transfer in flight; pause it once that ends"
+                    )));
+                }
+            };
             // While the snapshot is written the sandbox shows as paused, and nothing
             // else can start on it.
-            if let Some(sandbox) = &sandbox {
-                let mut info = lock(&sandbox.info).clone();
-                info.state = SandboxState::Paused;
-                info.message = "pausing".to_owned();
-                lock(&inner.paused).insert(
-                    id.clone(),
-                    PausedSandbox {
-                        record: lock(&sandbox.record).clone(),
-                        info,
-                        busy: true,
-                    },
-                );
-            }
+            let mut info = lock(&sandbox.info).clone();
+            info.state = SandboxState::Paused;
+            info.message = "pausing".to_owned();
+            lock(&inner.paused).insert(
+                id.clone(),
+                PausedSandbox {
+                    record: lock(&sandbox.record).clone(),
+                    info,
+                    busy: true,
+                },
+            );
             sandbox
-        };
-        let Some(sandbox) = sandbox.and_then(|s| Arc::try_unwrap(s).ok()) else {
-            lock(&inner.paused).remove(id);
-            return Err(NodeError::Internal(format!(
-                "sandbox {id} was in use while pausing"
-            )));
         };
         let result = inner.pause_vm(id, sandbox).await;
         if result.is_err() {
@@ -355,7 +352,7 @@ impl Inner {
             Err((e, ran)) => {
                 self.release(record.vcpus, record.memory_mb, true);
                 if ran {
-                    self.give_up(id, record, &e).await;
+                    self.give_up(id, None, record, &e).await;
                 } else {
                     // Nothing ran: it stays paused, as it was.
                     *record = original;
@@ -402,12 +399,8 @@ impl Inner {
         if let Err(e) = ready {
             let mut gone = record.clone();
             gone.snapshot = Some(snapshot);
-            self.booter.teardown(Some(booted.vm), &gone).await;
             self.release(record.vcpus, record.memory_mb, true);
-            let mut info = info_from_record(id, &record);
-            info.state = SandboxState::Failed;
-            info.message = format!("resuming failed: {e}");
-            self.tombstone(info);
+            self.give_up(id, Some(booted.vm), &gone, &e).await;
             return Err((e, true));
         }
         remove_dir(&snapshot.dir);
@@ -435,9 +428,17 @@ impl Inner {
         }
     }
 
-    /// Removes a paused sandbox whose disk no longer matches its snapshot.
-    async fn give_up(&self, id: &SandboxId, record: &VmRecord, why: &NodeError) {
-        self.booter.teardown(None, record).await;
+    /// Removes a sandbox whose resume ran its guest but failed (its disk no longer
+    /// matches the snapshot): the VM if there is one, disk, snapshot and record; it is
+    /// left as FAILED.
+    async fn give_up(
+        &self,
+        id: &SandboxId,
+        vm: Option<Box<dyn nanobox_vmm::Vm>>,
+        record: &VmRecord,
+        why: &NodeError,
+    ) {
+        self.booter.teardown(vm, record).await;
         let mut info = info_from_record(id, record);
         info.state = SandboxState::Failed;
         info.message = format!("resuming failed: {why}");

@@ -11,16 +11,12 @@
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use crate::node::{Inner, PoolState, Pooled};
+use crate::node::{lock, Inner, PoolState, Pooled};
 
 /// The longest a pool boot waits for the creates in flight to end: under a steady stream
 /// of creates the pool still refills.
 const MAX_DEFER: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::{NodeError, PoolTarget};
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// The refill loop; ends when the node is dropped.
 pub(crate) async fn refiller(node: Weak<Inner>) {
