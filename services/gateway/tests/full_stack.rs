@@ -491,18 +491,21 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
 
     // Placement: the pooled node until it is full, then the other. (Each create waits for
     // the refill, so that the pool VM is there to be preferred.)
-    let pool_refilled = async || {
+    // node-a's own report of `running` sandboxes and a ready pool VM: one sent before the
+    // last create or refill finished can still show the pool VM of before.
+    let pool_refilled = async |running: u32| {
         wait_for(&client, "/api/v1/nodes", "node-a's pool refilled", |v| {
             v["nodes"][0]["ready_pool"][TEMPLATE] == 1
+                && v["nodes"][0]["sandboxes_running"] == running
         })
         .await
     };
     let s1 = create(&client, 128).await;
     assert_eq!(s1["node_id"], "node-a", "{s1}");
-    pool_refilled().await;
+    pool_refilled(1).await;
     let s2 = create(&client, 128).await;
     assert_eq!(s2["node_id"], "node-a", "{s2}");
-    pool_refilled().await;
+    pool_refilled(2).await;
     // node-a's 384 MiB now hold two sandboxes and its pool VM: that VM still serves a
     // create (placement counts a ready pool VM's share as room), and then node-a is full.
     let extra = create(&client, 128).await;
@@ -520,7 +523,7 @@ async fn two_nodes_placement_bad_input_and_a_scheduler_restart() {
     let extra = extra["id"].as_str().unwrap().to_owned();
     let deleted = client.delete(&format!("/api/v1/sandboxes/{extra}")).await;
     assert_eq!(deleted.status, 200, "{deleted:?}");
-    pool_refilled().await;
+    pool_refilled(2).await;
     let [id1, id2, id3] = [&s1, &s2, &s3].map(|s| s["id"].as_str().unwrap().to_owned());
     for id in [&id1, &id2, &id3] {
         exec_echo(&client, id, "hi").await;
