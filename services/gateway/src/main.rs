@@ -16,7 +16,7 @@ use nanobox_config::Config;
 use nanobox_rest::{ApiKeys, Gateway, GatewayOptions, Upstream};
 
 #[derive(Debug, Parser)]
-#[command(name = "gateway", version, about = "NanoBox REST gateway")]
+#[command(name = "nanobox-gateway", version, about = "NanoBox REST gateway")]
 struct Args {
     /// The configuration file (`nanobox.toml`). Default: `$NANOBOX_CONFIG`, else
     /// `/etc/nanobox/nanobox.toml` if it exists, else the built-in defaults. Every key can

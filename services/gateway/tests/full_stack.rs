@@ -93,7 +93,7 @@ impl Stack {
             ),
         )
         .unwrap();
-        let bin = workspace_bin("scheduler", "nanobox-scheduler-service");
+        let bin = workspace_bin("nanobox-scheduler", "nanobox-scheduler-service");
         let process = Process::spawn("scheduler", &mut service_command(bin, &config));
         assert_eq!(process.addr, self.scheduler_addr);
         self.scheduler = Some(process);
@@ -113,7 +113,7 @@ impl Stack {
             rest: &format!("{}\n{extra}", self.common_config()),
         };
         NodeAgent::start(
-            &workspace_bin("node-agent", "nanobox-node-agent"),
+            &workspace_bin("nanobox-node-agent", "nanobox-node-agent"),
             &self.dir.path().join(format!("{node_id}.toml")),
             &config,
             NodeNet::with_internet(&format!("nbf{}", &node_id[node_id.len() - 1..])),

@@ -54,7 +54,7 @@ async fn quick_start_over_rest_with_real_guests() {
         format!("[api]\ngrpc_addr = \"127.0.0.1:0\"\n\n{common}"),
     )
     .unwrap();
-    let bin = workspace_bin("scheduler", "nanobox-scheduler");
+    let bin = workspace_bin("nanobox-scheduler", "nanobox-scheduler-service");
     let scheduler = Process::spawn("scheduler", &mut service_command(bin, &scheduler_config));
 
     let config = AgentConfig {
@@ -68,7 +68,7 @@ async fn quick_start_over_rest_with_real_guests() {
         rest: &common,
     };
     let agent = NodeAgent::start(
-        &workspace_bin("node-agent", "nanobox-node-agent"),
+        &workspace_bin("nanobox-node-agent", "nanobox-node-agent"),
         &dir.path().join("agent.toml"),
         &config,
         NodeNet::with_internet("nbg"),

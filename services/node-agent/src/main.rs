@@ -27,7 +27,7 @@ use nanobox_vmm::qemu::{QemuBackend, QemuConfig};
 use nanobox_vmm::VmBackend;
 
 #[derive(Debug, Parser)]
-#[command(name = "node-agent", version, about = "NanoBox node agent")]
+#[command(name = "nanobox-node-agent", version, about = "NanoBox node agent")]
 struct Args {
     /// The configuration file (`nanobox.toml`). Default: `$NANOBOX_CONFIG`, else
     /// `/etc/nanobox/nanobox.toml` if it exists, else the built-in defaults. Every key can

@@ -28,7 +28,7 @@ use nanobox_store::metadata::PoolOptions;
 use nanobox_store::MetadataStore;
 
 #[derive(Debug, Parser)]
-#[command(name = "scheduler", version, about = "NanoBox scheduler")]
+#[command(name = "nanobox-scheduler", version, about = "NanoBox scheduler")]
 struct Args {
     /// The configuration file (`nanobox.toml`). Default: `$NANOBOX_CONFIG`, else
     /// `/etc/nanobox/nanobox.toml` if it exists, else the built-in defaults. Every key can

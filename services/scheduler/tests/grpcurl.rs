@@ -46,7 +46,7 @@ impl Scheduler {
         .unwrap();
         let process = Process::spawn(
             "the scheduler",
-            &mut service_command(env!("CARGO_BIN_EXE_scheduler"), &config),
+            &mut service_command(env!("CARGO_BIN_EXE_nanobox-scheduler"), &config),
         );
         Self {
             addr: process.addr.clone(),

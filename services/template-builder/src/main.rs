@@ -11,7 +11,6 @@
 
 mod grpc;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,7 +25,7 @@ use nanobox_store::MetadataStore;
 use nanobox_warmup::{Warmer, WarmupConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "template-builder", version, about = "NanoBox template builder")]
+#[command(name = "nanobox-template-builder", version, about = "NanoBox template builder")]
 struct Args {
     /// The configuration file (`nanobox.toml`): `[builder]` (listen_addr, work_dir,
     /// rootfs_headroom_mb), `[oci]` (init_binary, plain_http_registries, docker_config,
@@ -36,86 +35,6 @@ struct Args {
     /// variables.
     #[arg(long)]
     config: Option<PathBuf>,
-    #[command(flatten)]
-    legacy: LegacyFlags,
-}
-
-/// The flags the builder took before it read `nanobox.toml`, kept (hidden) so harnesses
-/// that still pass them keep working; each overrides the configuration key named in its
-/// doc. Prefer the file or `NANOBOX__*` variables.
-#[derive(Debug, clap::Args)]
-struct LegacyFlags {
-    /// `[builder].listen_addr`.
-    #[arg(long, hide = true)]
-    listen: Option<SocketAddr>,
-    /// `[database].url`.
-    #[arg(long, hide = true)]
-    database_url: Option<String>,
-    /// `[object_store].location`.
-    #[arg(long, hide = true)]
-    object_store: Option<String>,
-    /// `[builder].work_dir`.
-    #[arg(long, hide = true)]
-    work_dir: Option<PathBuf>,
-    /// `[oci].init_binary`.
-    #[arg(long, hide = true)]
-    init: Option<PathBuf>,
-    /// `[oci].plain_http_registries` (repeatable; replaces the configured list).
-    #[arg(long = "plain-http-registry", hide = true, value_delimiter = ',')]
-    plain_http: Vec<String>,
-    /// `[oci].docker_config`.
-    #[arg(long, hide = true)]
-    docker_config: Option<PathBuf>,
-    /// `[oci].max_parallel`.
-    #[arg(long, hide = true)]
-    max_parallel: Option<u32>,
-    /// `[builder].rootfs_headroom_mb`.
-    #[arg(long, hide = true)]
-    headroom_mb: Option<u64>,
-}
-
-impl LegacyFlags {
-    /// Applies the flags given over `config`; whether any was.
-    fn apply(self, config: &mut Config) -> bool {
-        let mut any = false;
-        if let Some(v) = self.listen {
-            config.builder.listen_addr = v;
-            any = true;
-        }
-        if let Some(v) = self.database_url {
-            config.database.url = nanobox_config::Secret::new(v);
-            any = true;
-        }
-        if let Some(v) = self.object_store {
-            config.object_store.location = v;
-            any = true;
-        }
-        if let Some(v) = self.work_dir {
-            config.builder.work_dir = v;
-            any = true;
-        }
-        if let Some(v) = self.init {
-            config.oci.init_binary = v;
-            any = true;
-        }
-        if !self.plain_http.is_empty() {
-            config.oci.plain_http_registries = self.plain_http;
-            any = true;
-        }
-        if let Some(v) = self.docker_config {
-            config.oci.docker_config = Some(v);
-            any = true;
-        }
-        if let Some(v) = self.max_parallel {
-            config.oci.max_parallel = v;
-            any = true;
-        }
-        if let Some(v) = self.headroom_mb {
-            config.builder.rootfs_headroom_mb = v;
-            any = true;
-        }
-        any
-    }
 }
 
 /// The NanoBox services this process serves: what reflection lists (with health and
@@ -124,29 +43,17 @@ const SERVED: [&str; 1] = ["nanobox.v1.Templates"];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut config = Config::load(args.config.as_deref()).context("reading the configuration")?;
-    let legacy = args.legacy.apply(&mut config);
-    if legacy {
-        // Flags bypass the file's validation, so check the merged result again.
-        config
-            .validate()
-            .context("checking the configuration with the command-line flags applied")?;
-    }
+    let config = Config::load(args.config.as_deref()).context("reading the configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(config, legacy))
+    runtime.block_on(serve(config))
 }
 
-async fn serve(config: Config, legacy_flags: bool) -> anyhow::Result<()> {
+async fn serve(config: Config) -> anyhow::Result<()> {
     let _telemetry = nanobox_telemetry::init("nanobox-template-builder", &config.telemetry)
         .context("setting up telemetry")?;
-    if legacy_flags {
-        tracing::warn!(
-            "configured by deprecated command-line flags: use --config nanobox.toml ([builder], [oci], [database], [object_store]) instead"
-        );
-    }
 
     let db: tokio_postgres::Config = config
         .database

@@ -26,15 +26,15 @@ pub fn api(guest: &Guest) -> anyhow::Result<()> {
         "-p",
         "nanobox-scheduler-service",
         "--bin",
-        "scheduler",
+        "nanobox-scheduler",
         "-p",
         "nanobox-node-agent",
         "--bin",
-        "node-agent",
+        "nanobox-node-agent",
         "-p",
         "nanobox-gateway",
         "--bin",
-        "gateway",
+        "nanobox-gateway",
         "--example",
         "api_bench",
     ])?;
@@ -45,9 +45,9 @@ pub fn api(guest: &Guest) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     setup::step("a pool of 24, 20 creates at c1, 100 execs, 200+200 gets, 3 waves of 20 creates");
     let out = Command::new("target/release/examples/api_bench")
-        .arg("target/release/scheduler")
-        .arg("target/release/node-agent")
-        .arg("target/release/gateway")
+        .arg("target/release/nanobox-scheduler")
+        .arg("target/release/nanobox-node-agent")
+        .arg("target/release/nanobox-gateway")
         .arg(&guest.kernel)
         .arg(&guest.rootfs)
         .arg(&work)

@@ -123,7 +123,7 @@ pub fn node(guest: &Guest) -> anyhow::Result<()> {
         "-p",
         "nanobox-node-agent",
         "--bin",
-        "node-agent",
+        "nanobox-node-agent",
         "--example",
         "node_bench",
         "-p",
@@ -150,7 +150,7 @@ fn run(guest: &Guest, work: &Path) -> anyhow::Result<()> {
 
     setup::step("50 pool creates, 5 cold creates against 5 bare boots, 10 idle sandboxes");
     let out = Command::new("target/release/examples/node_bench")
-        .arg("target/release/node-agent")
+        .arg("target/release/nanobox-node-agent")
         .arg("target/release/examples/boot_bench")
         .arg(&guest.kernel)
         .arg(&guest.rootfs)

@@ -171,7 +171,7 @@ fn warmup_from_registry(init: &Path, rounds: usize) -> anyhow::Result<Option<Vec
         "-p",
         "nanobox-template-builder",
         "--bin",
-        "template-builder",
+        "nanobox-template-builder",
         "--example",
         "warmup_bench",
     ])?;
@@ -179,7 +179,7 @@ fn warmup_from_registry(init: &Path, rounds: usize) -> anyhow::Result<Option<Vec
         "{rounds} warmups through the template-builder from the local registry"
     ));
     let out = Command::new("target/release/examples/warmup_bench")
-        .arg("target/release/template-builder")
+        .arg("target/release/nanobox-template-builder")
         .arg(init)
         .arg(rounds.to_string())
         .stderr(std::process::Stdio::inherit())

@@ -10,7 +10,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nanobox_testkit::postgres::Postgres;
@@ -30,30 +29,32 @@ pub const WARMUP_TIMEOUT: Duration = Duration::from_secs(300);
 pub fn template_builder_bin() -> PathBuf {
     std::env::var_os("NANOBOX_TEMPLATE_BUILDER")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_bin("template-builder", "nanobox-template-builder"))
+        .unwrap_or_else(|| workspace_bin("nanobox-template-builder", "nanobox-template-builder"))
 }
 
-/// Starts a template-builder against `db` with a local object store under `dir`.
+/// Starts a template-builder against `db` with a local object store under `dir`, its
+/// `nanobox.toml` written there too.
 pub fn start_builder(
     pg: &Postgres,
     db: &tokio_postgres::Config,
     registry: &Registry,
     dir: &Path,
 ) -> Process {
-    let database = pg.url(db);
+    let toml = format!(
+        "[builder]\nlisten_addr = \"127.0.0.1:0\"\nwork_dir = {work:?}\n\n\
+         [oci]\ninit_binary = {init:?}\nplain_http_registries = [{registry:?}]\n\n\
+         [database]\nurl = {url:?}\n\n[object_store]\nlocation = {objects:?}\n",
+        work = dir.join("work").display().to_string(),
+        init = guest_init().display().to_string(),
+        registry = registry.host,
+        url = pg.url(db),
+        objects = format!("file://{}", dir.join("objects").display()),
+    );
+    let file = dir.join("template-builder.toml");
+    std::fs::write(&file, toml).unwrap();
     Process::spawn(
         "template-builder",
-        Command::new(template_builder_bin())
-            .args(["--listen", "127.0.0.1:0", "--database-url", &database])
-            .arg("--object-store")
-            .arg(format!("file://{}", dir.join("objects").display()))
-            .arg("--work-dir")
-            .arg(dir.join("work"))
-            .arg("--init")
-            .arg(guest_init())
-            .arg("--plain-http-registry")
-            .arg(&registry.host)
-            .env("RUST_LOG", "info"),
+        &mut service_command(template_builder_bin(), &file),
     )
 }
 
@@ -100,7 +101,7 @@ pub fn start_gateway(dir: &Path, config: &GatewayConfig) -> Process {
     std::fs::write(&file, toml).unwrap();
     Process::spawn(
         "gateway",
-        &mut service_command(env!("CARGO_BIN_EXE_gateway"), &file),
+        &mut service_command(env!("CARGO_BIN_EXE_nanobox-gateway"), &file),
     )
 }
 

@@ -114,7 +114,7 @@ impl Stack {
         std::fs::write(&config, self.config_text()).unwrap();
         self.agent = Some(Process::spawn(
             "node-agent",
-            service_command(env!("CARGO_BIN_EXE_node-agent"), &config)
+            service_command(env!("CARGO_BIN_EXE_nanobox-node-agent"), &config)
                 .envs(self.env.iter().map(|(k, v)| (k, v))),
         ));
     }

@@ -30,7 +30,7 @@ pub const TOKEN: &str = "test-service-token-0123456789";
 fn node_agent_bin() -> PathBuf {
     std::env::var_os("NANOBOX_NODE_AGENT_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_bin("node-agent", "nanobox-node-agent"))
+        .unwrap_or_else(|| workspace_bin("nanobox-node-agent", "nanobox-node-agent"))
 }
 
 pub struct Cluster {
@@ -89,7 +89,7 @@ impl Cluster {
         .unwrap();
         self.scheduler = Some(Process::spawn(
             "scheduler",
-            &mut service_command(env!("CARGO_BIN_EXE_scheduler"), &config),
+            &mut service_command(env!("CARGO_BIN_EXE_nanobox-scheduler"), &config),
         ));
     }
 
