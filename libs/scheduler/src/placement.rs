@@ -1,8 +1,11 @@
 //! Placement: choose the node for a new sandbox.
 //!
 //! Filter: the node accepts sandboxes (READY, not draining), its last heartbeat is fresh,
-//! and it has the vCPUs, memory and a sandbox slot free (counting what its ready pool VMs
-//! hold as free: the node retires them for a sandbox that needs room). Score the rest, most important
+//! and it has the vCPUs and memory free (counting what its ready pool VMs hold as free:
+//! the node retires them for a sandbox that needs room). Sandbox slots and node labels are
+//! not looked at: a node at its `max_sandboxes` is still chosen, refuses with
+//! RESOURCE_EXHAUSTED, and the scheduler offers the create to the next candidate (issue 11
+//! makes placement count the slots free). Score the rest, most important
 //! first: a ready warm-pool VM of the template (a create in milliseconds), the template
 //! already cached (no download), then the least loaded node (spreads sandboxes, keeps
 //! headroom). Equal scores are broken at random so that simultaneous schedulers or

@@ -1,14 +1,17 @@
-//! Storage for every NanoBox service: an object store for large immutable blobs (layers,
-//! rootfs images, snapshots) and a Postgres metadata store for the small mutable records
-//! that describe them.
+//! Storage for the NanoBox services: an object store for large immutable blobs (template
+//! root filesystems and their sidecars; snapshots once the snapshot store exists, issue
+//! 12) and a Postgres metadata store for the small mutable records that describe them.
 //!
 //! [`ObjectStore`] is the seam for blobs, with two implementations: [`LocalFsStore`] (a
 //! directory; the embedded default for a single machine) and [`S3Store`] (any S3-compatible
 //! server). Both pass the same [`conformance`] suite. Keys are validated once, as
 //! [`ObjectKey`], so no store ever sees a key that could escape its root.
 //!
-//! [`MetadataStore`] holds templates and warm-up tasks in Postgres; its schema is versioned
-//! by the embedded migrations under `migrations/`, applied at start-up.
+//! [`MetadataStore`] holds templates and warm-up tasks (written by the template-builder)
+//! and nodes and sandboxes (written by the scheduler) in Postgres; its schema is versioned
+//! by the embedded migrations under `migrations/`, applied whenever a service opens it
+//! (the scheduler, the template-builder and the node agents; issue 11 takes the node
+//! agents off the database).
 
 #![forbid(unsafe_code)]
 

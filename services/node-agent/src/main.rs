@@ -2,9 +2,12 @@
 //! (plus gRPC health and reflection).
 //!
 //! It wires a [`nanobox_node::Node`] to its parts: the VM backend (QEMU here; Firecracker
-//! on KVM hosts), the metadata database (read only: which templates are READY), and the
-//! object store (template root filesystems). On start it recovers: every VM a previous run
-//! left is destroyed and its sandbox reported lost.
+//! on KVM hosts), the metadata database (it only reads which templates are READY, but it
+//! opens the database as every service does, applying pending migrations, so its
+//! credentials must be able to write; issue 11 takes the node agents off the database),
+//! and the object store (template root filesystems). On start it recovers: every VM a
+//! previous run left is destroyed and its sandbox reported lost; paused sandboxes are kept
+//! (issue 11 makes a restart keep running ones too).
 
 mod grpc;
 mod registration;

@@ -939,7 +939,8 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The template names whose image digest is `digest`.
+    /// Every template's name by its image digest: nodes report their cached templates by
+    /// digest, the Cluster API shows them by name.
     pub async fn template_names_by_digest(
         &self,
     ) -> Result<HashMap<String, Vec<TemplateName>>, SchedulerError> {

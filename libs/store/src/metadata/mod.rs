@@ -7,13 +7,13 @@
 //! `warmup_tasks` (one row per warmup, with its progress), and for the scheduler `nodes`
 //! and `sandboxes` (desired and observed state; see `cluster`).
 //!
-//! Designed to grow: `nodes` (id, address, capacity, heartbeat), `sandboxes` (UUIDv7 id,
-//! `template_name` referencing `templates`, `node_id` referencing `nodes`, desired and
-//! actual state for the reconciler) and `snapshots` (id, sandbox id, object keys of
-//! memory and disk) come as new migration files with the same conventions (upper-case
-//! TEXT states with CHECKs, TIMESTAMPTZ `created_at`/`updated_at`, object keys as TEXT);
-//! nothing here has to change for them. Deleting a template then becomes a check for
-//! sandboxes referencing it (the foreign key refuses otherwise).
+//! Migration 3 added `nodes` and `sandboxes` (the `sb-` ULID as id, `node_id` referencing
+//! `nodes`), migration 4 a paused sandbox's snapshot columns; a `snapshots` table comes
+//! with the snapshot store (issue 12), with the same conventions (upper-case TEXT states
+//! with CHECKs, TIMESTAMPTZ `created_at`/`updated_at`, object keys as TEXT).
+//! `sandboxes.template_name` has no foreign key to `templates` (finished sandboxes stay as
+//! history), and nothing checks for sandboxes when a template is deleted: the
+//! template-builder deletes templates in use (issue 11 makes it refuse without `force`).
 
 mod cluster;
 mod error;
