@@ -191,6 +191,10 @@ pub struct ApiConfig {
     /// How long a unary API call may take before it fails, in seconds (streams such as exec
     /// are bounded by their own timeouts). Default 60.
     pub request_timeout_sec: u64,
+    /// Where the REST gateway serves Prometheus metrics (`GET /metrics`), a listener of
+    /// its own. Default: none (no metrics listener).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for ApiConfig {
@@ -202,6 +206,7 @@ impl Default for ApiConfig {
             api_keys_file: None,
             max_body_bytes: 16 << 20,
             request_timeout_sec: 60,
+            metrics_addr: None,
         }
     }
 }
@@ -269,6 +274,10 @@ pub struct AgentConfig {
     /// own user.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_as_user: Option<String>,
+    /// Where the node agent serves Prometheus metrics (`GET /metrics`), a listener of its
+    /// own. Default: none (no metrics listener).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -294,6 +303,7 @@ impl Default for AgentConfig {
             disk_headroom_mb: 1024,
             cgroup_parent: "nanobox".to_owned(),
             run_as_user: None,
+            metrics_addr: None,
         }
     }
 }
@@ -649,7 +659,7 @@ impl Default for ObjectStoreConfig {
     }
 }
 
-/// `[scheduler]`: node liveness.
+/// `[scheduler]`: node liveness, and the scheduler's metrics listener.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulerConfig {
@@ -658,6 +668,10 @@ pub struct SchedulerConfig {
     /// A node with no heartbeat for this long is lost, in seconds (at least three
     /// heartbeat intervals). Default 10.
     pub node_lost_after_sec: u64,
+    /// Where the scheduler serves Prometheus metrics (`GET /metrics`), a listener of its
+    /// own. Default: none (no metrics listener).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for SchedulerConfig {
@@ -665,6 +679,7 @@ impl Default for SchedulerConfig {
         Self {
             heartbeat_interval_ms: 2000,
             node_lost_after_sec: 10,
+            metrics_addr: None,
         }
     }
 }
@@ -682,6 +697,10 @@ pub struct BuilderConfig {
     pub work_dir: PathBuf,
     /// Free space left in each root filesystem beyond its contents, in MiB. Default 256.
     pub rootfs_headroom_mb: u64,
+    /// Where the template-builder serves Prometheus metrics (`GET /metrics`), a listener
+    /// of its own. Default: none (no metrics listener).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for BuilderConfig {
@@ -691,6 +710,7 @@ impl Default for BuilderConfig {
             advertise_addr: None,
             work_dir: cache("builder"),
             rootfs_headroom_mb: 256,
+            metrics_addr: None,
         }
     }
 }
@@ -705,6 +725,10 @@ pub struct SnapshotStoreConfig {
     /// The `host:port` node agents reach it at. Default: `listen_addr`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_addr: Option<String>,
+    /// Where the snapshot-store will serve Prometheus metrics (`GET /metrics`), a
+    /// listener of its own; reserved until the service exists. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for SnapshotStoreConfig {
@@ -712,6 +736,7 @@ impl Default for SnapshotStoreConfig {
         Self {
             listen_addr: loopback(50081),
             advertise_addr: None,
+            metrics_addr: None,
         }
     }
 }

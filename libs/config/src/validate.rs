@@ -469,10 +469,21 @@ impl Checker<'_> {
         }
     }
 
-    /// Services may all run on one machine: no two may listen on the same port.
+    /// Services may all run on one machine: no two may listen on the same port (the
+    /// metrics listeners that are set included).
     fn addresses_distinct(&mut self) {
         let c = self.config;
-        let listeners: [(KeyPath, SocketAddr); 5] = [
+        let metrics = [
+            (key("api", "metrics_addr"), c.api.metrics_addr),
+            (key("scheduler", "metrics_addr"), c.scheduler.metrics_addr),
+            (key("builder", "metrics_addr"), c.builder.metrics_addr),
+            (key("agent", "metrics_addr"), c.agent.metrics_addr),
+            (
+                key("snapshot_store", "metrics_addr"),
+                c.snapshot_store.metrics_addr,
+            ),
+        ];
+        let listeners: Vec<(KeyPath, SocketAddr)> = [
             (key("api", "listen_addr"), c.api.listen_addr),
             (key("api", "grpc_addr"), c.api.grpc_addr),
             (key("agent", "listen_addr"), c.agent.listen_addr),
@@ -481,7 +492,14 @@ impl Checker<'_> {
                 key("snapshot_store", "listen_addr"),
                 c.snapshot_store.listen_addr,
             ),
-        ];
+        ]
+        .into_iter()
+        .chain(
+            metrics
+                .into_iter()
+                .filter_map(|(k, addr)| addr.map(|a| (k, a))),
+        )
+        .collect();
         for (i, (k, a)) in listeners.iter().enumerate() {
             if a.port() == 0 {
                 continue;

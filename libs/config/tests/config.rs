@@ -114,6 +114,15 @@ fn the_example_loads_and_validates() {
     assert_eq!(config.agent.advertised_addr(), "10.0.0.7:50071");
     let capacity = config.agent.capacity();
     assert_eq!((capacity.vcpus, capacity.memory_mb), (32, 131_072));
+    // Every service's metrics listener, each on a port of its own.
+    assert_eq!(config.api.metrics_addr, Some(addr("0.0.0.0:9451")));
+    assert_eq!(config.scheduler.metrics_addr, Some(addr("0.0.0.0:9452")));
+    assert_eq!(config.builder.metrics_addr, Some(addr("0.0.0.0:9453")));
+    assert_eq!(config.agent.metrics_addr, Some(addr("0.0.0.0:9454")));
+    assert_eq!(
+        config.snapshot_store.metrics_addr,
+        Some(addr("0.0.0.0:9455"))
+    );
 }
 
 #[test]
@@ -144,6 +153,12 @@ fn defaults_run_one_machine() {
     assert_eq!(config.agent.cgroup_parent, "nanobox");
     assert_eq!(config.qemu.binary, Path::new("qemu-system-x86_64"));
     assert!(config.qemu.seccomp_sandbox);
+    // No metrics listeners unless asked for.
+    assert_eq!(config.api.metrics_addr, None);
+    assert_eq!(config.scheduler.metrics_addr, None);
+    assert_eq!(config.builder.metrics_addr, None);
+    assert_eq!(config.agent.metrics_addr, None);
+    assert_eq!(config.snapshot_store.metrics_addr, None);
     // Clients find each service on this machine.
     assert_eq!(config.scheduler_endpoint(), "http://127.0.0.1:50051");
     assert_eq!(config.builder_endpoint(), "http://127.0.0.1:50061");
@@ -284,6 +299,10 @@ fn bad_values_are_named_with_their_line() {
             "nanobox.toml: [pool.templates][0].name (line 1): required key is missing",
         ),
         (
+            "[scheduler]\nmetrics_addr = \"scheduler:9452\"\n",
+            "nanobox.toml: [scheduler].metrics_addr (line 2): invalid socket address syntax (expected ip:port, such as 127.0.0.1:8080 or [::1]:8080)",
+        ),
+        (
             "agent = 5\n",
             "nanobox.toml: [agent] (line 1): invalid type: integer `5`, expected a table",
         ),
@@ -386,6 +405,8 @@ fn every_validation_error_names_its_key() {
         ("[telemetry]\ndefault_filter = \"\"\n", "[telemetry].default_filter", 2, "must not be empty"),
         ("[telemetry]\notlp_endpoint = \"collector:4317\"\n", "[telemetry].otlp_endpoint", 2, "not an http:// or https:// URL"),
         ("[api]\nlisten_addr = \"127.0.0.1:7000\"\n[builder]\nlisten_addr = \"0.0.0.0:7000\"\n", "[builder].listen_addr", 4, "clashes with [api].listen_addr (127.0.0.1:7000)"),
+        ("[api]\nmetrics_addr = \"127.0.0.1:50051\"\n", "[api].metrics_addr", 2, "clashes with [api].grpc_addr (127.0.0.1:50051)"),
+        ("[scheduler]\nmetrics_addr = \"0.0.0.0:9450\"\n[agent]\nmetrics_addr = \"127.0.0.1:9450\"\n", "[agent].metrics_addr", 4, "clashes with [scheduler].metrics_addr (0.0.0.0:9450)"),
     ];
     for (text, key, line, fragment) in cases {
         let config = parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
@@ -442,6 +463,7 @@ fn environment_overrides_apply() {
             "s3://bucket?region=eu-west-1",
         ),
         ("NANOBOX__TELEMETRY__LOG_FORMAT", "json"),
+        ("NANOBOX__SCHEDULER__METRICS_ADDR", "127.0.0.1:9452"),
         ("NANOBOX_CACHE_DIR", "/ignored/by/overrides"),
     ]);
     // The seed sets [agent] and [oci] dns_server; the environment wins.
@@ -457,6 +479,7 @@ fn environment_overrides_apply() {
     assert_eq!(config.dns_server(), "1.1.1.1".parse::<IpAddr>().unwrap());
     assert_eq!(config.object_store.location, "s3://bucket?region=eu-west-1");
     assert_eq!(config.telemetry.log_format, LogFormat::Json);
+    assert_eq!(config.scheduler.metrics_addr, Some(addr("127.0.0.1:9452")));
     // Keys the environment did not touch keep the file's values.
     assert_eq!(config.agent.node_id, "node-01");
     assert_eq!(config.pool.templates.len(), 1);

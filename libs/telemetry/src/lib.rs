@@ -1,17 +1,26 @@
-//! Tracing setup for the NanoBox binaries, and trace context propagation between services.
+//! Telemetry for the NanoBox binaries: tracing setup, Prometheus metrics, and trace
+//! context propagation between services.
 //!
 //! [`init`] installs the global `tracing` subscriber: an env filter (`RUST_LOG`, default
 //! `info`), human or JSON logs on stderr, and, when an OTLP endpoint is configured, export of
 //! spans to an OpenTelemetry collector over gRPC. Only binaries call it; libraries just emit
 //! `tracing` events and spans.
 //!
-//! [`inject_context`] and [`extract_context`] carry the W3C trace context (`traceparent`,
-//! `tracestate`) in gRPC metadata, so one trace follows a request from the gateway through
-//! the scheduler to the node agent.
+//! [`metrics::serve`] installs the Prometheus recorder and serves `/metrics` on a listener
+//! of its own; libraries record through the `metrics` facade.
+//!
+//! [`grpc::GrpcServerLayer`] is the tower layer of every gRPC server (a span per call,
+//! child of the caller's trace; call counts and latencies), [`grpc::InjectContextLayer`]
+//! the one of clients calling other NanoBox services. [`inject_context`] and
+//! [`extract_context`] carry the W3C trace context (`traceparent`, `tracestate`) in gRPC
+//! metadata by hand, so one trace follows a request from the gateway through the scheduler
+//! to the node agent.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::expect_used, clippy::unwrap_used))]
 
+pub mod grpc;
+pub mod metrics;
 mod propagation;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -22,7 +31,10 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
-pub use propagation::{extract_context, inject, inject_context, set_parent_from};
+pub use propagation::{
+    extract_context, inject, inject_context, inject_headers, set_parent_from,
+    set_parent_from_headers,
+};
 
 /// Environment variables naming the OTLP endpoint, most specific first (the OpenTelemetry
 /// standard names).
@@ -94,6 +106,16 @@ pub enum TelemetryError {
     /// A global subscriber is already installed.
     #[error("a tracing subscriber is already installed")]
     AlreadyInitialized(#[source] tracing_subscriber::util::TryInitError),
+    /// The metrics listener could not be bound.
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Prometheus recorder could not be built or installed (one is already).
+    #[error("cannot install the metrics recorder")]
+    MetricsRecorder(#[source] metrics_exporter_prometheus::BuildError),
 }
 
 /// Keeps telemetry running; dropping it flushes and shuts down span export. Hold it in

@@ -1,4 +1,5 @@
-//! W3C trace context (`traceparent`, `tracestate`) in tonic metadata.
+//! W3C trace context (`traceparent`, `tracestate`) in tonic metadata and HTTP headers
+//! (what the gRPC layers in [`crate::grpc`] see).
 //!
 //! The W3C propagator is used directly rather than the global one, so propagation works the
 //! same whether or not the process installed a global propagator.
@@ -28,11 +29,57 @@ pub fn extract_context(metadata: &MetadataMap) -> Context {
 
 /// Makes `span` a child of the trace in the incoming request's metadata, if there is one.
 pub fn set_parent_from(span: &tracing::Span, metadata: &MetadataMap) {
-    let cx = extract_context(metadata);
+    set_parent(span, extract_context(metadata));
+}
+
+/// Makes `span` a child of the trace in the incoming request's headers, if there is one.
+pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
+    set_parent(
+        span,
+        TraceContextPropagator::new().extract(&HeaderExtractor(headers)),
+    );
+}
+
+/// Writes the trace context of the current `tracing` span into outgoing request headers.
+/// Writes nothing when there is no span or span export is off.
+pub fn inject_headers(headers: &mut http::HeaderMap) {
+    TraceContextPropagator::new().inject_context(
+        &tracing::Span::current().context(),
+        &mut HeaderInjector(headers),
+    );
+}
+
+fn set_parent(span: &tracing::Span, cx: Context) {
     use opentelemetry::trace::TraceContextExt as _;
     if cx.span().span_context().is_valid() {
         // Fails only when the span is disabled or not recorded by OpenTelemetry.
         let _ = span.set_parent(cx);
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        // As for metadata: only valid names and values are sent.
+        if let (Ok(key), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::try_from(value),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
     }
 }
 
