@@ -2,11 +2,13 @@
 //!
 //! - `setup`: install what NanoBox needs on this machine (Debian packages), build the guest
 //!   kernel, the static guest init and the test rootfs (all cached by their inputs).
-//! - `demo`: set up, then boot a guest and run a command in it.
+//! - `demo`: set up, then the seed's Quick Start: `nanobox up`, warmup, create and exec
+//!   over REST.
 //! - `test`: set up, then run the whole test suite against real guests.
 //! - `bench <name>`: run a benchmark, print a table, write `target/bench/<name>.json`.
 
 mod bench;
+mod quickstart;
 mod setup;
 
 use anyhow::Context as _;
@@ -23,14 +25,14 @@ struct Cli {
 enum Command {
     /// Install packages and build the guest kernel, init and test rootfs.
     Setup,
-    /// Set up, warm an OCI image into a template, boot it, run a command in it.
+    /// Set up, start `nanobox up`, run the seed's Quick Start over REST, stop.
     Demo,
     /// Set up and run every test (extra arguments go to cargo nextest).
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: boot, warmup, node, api.
+    /// Run a benchmark: boot, warmup, node, api, up.
     Bench { name: String },
 }
 
@@ -65,9 +67,10 @@ fn run() -> anyhow::Result<()> {
                 "warmup" => bench::warmup(&guest)?,
                 "node" => bench::node(&guest)?,
                 "api" => bench::api(&guest)?,
+                "up" => bench::up(&guest)?,
                 other => {
                     anyhow::bail!(
-                        "unknown benchmark {other:?} (available: boot, warmup, node, api)"
+                        "unknown benchmark {other:?} (available: boot, warmup, node, api, up)"
                     )
                 }
             }
@@ -76,107 +79,22 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The main job on one machine: an OCI image is warmed into a template (layers applied,
-/// init injected, ext4 built), a microVM boots from it, and a command runs inside.
+/// The main job on one machine, the seed's Quick Start: `nanobox up`, then warmup,
+/// create and exec over REST with curl, against an image a local registry serves; then
+/// the stack stops.
 fn demo(guest: &setup::Guest) -> anyhow::Result<()> {
-    setup::step("building the nanobox command");
-    setup::cargo(&["build", "--quiet", "--release", "-p", "nanobox-cli"])?;
-    let nanobox = std::path::Path::new("target/release/nanobox");
-
-    let work = setup::cache_dir().join("demo");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    setup::step("making a small OCI image (busybox, two layers) with umoci");
-    let reference = demo_image(&work)?;
-
-    let rootfs = work.join("demo.ext4");
-    setup::step("warming it into a template: nanobox template build");
+    quickstart::build_release()?;
+    let (registry, image) = quickstart::serve_image()?;
+    setup::step("nanobox up (the whole stack on this machine)");
+    let mut up = quickstart::Up::start(guest, &quickstart::data_dir("demo"), &registry.host)?;
+    setup::step("the Quick Start over REST");
+    quickstart::run(&up, &image, true)?;
+    setup::step("stopping the stack (SIGTERM)");
+    up.stop()?;
     println!(
-        "$ nanobox template build {reference} -o {}",
-        rootfs.display()
-    );
-    let status = std::process::Command::new(nanobox)
-        .args(["template", "build", &reference, "-o"])
-        .arg(&rootfs)
-        .arg("--init")
-        .arg(&guest.init)
-        .status()
-        .context("running nanobox template build")?;
-    anyhow::ensure!(status.success(), "template build failed: {status}");
-
-    setup::step("booting a microVM from it and running a command");
-    let script = "echo \"$GREETING from $(hostname), a NanoBox microVM\"; \
-                  echo \"kernel $(uname -r), $(nproc) vCPU, $(free -m | awk '/Mem:/{print $2}') MiB\"; \
-                  cat /etc/motd";
-    println!(
-        "$ nanobox vm run --rootfs {} --timings -- sh -c '...'",
-        rootfs.display()
-    );
-    let status = std::process::Command::new(nanobox)
-        .args(["vm", "run", "--no-stdin", "--timings", "--rootfs"])
-        .arg(&rootfs)
-        .arg("--kernel")
-        .arg(&guest.kernel)
-        .args(["--", "sh", "-c", script])
-        .status()
-        .context("running nanobox vm run")?;
-    anyhow::ensure!(status.success(), "the demo command failed: {status}");
-    println!(
-        "\n(agent_ready_ms: process start to guest agent ready; exec_done_ms: to the command's result)"
+        "\nNext: `target/release/nanobox up` keeps a stack running; README.md shows the same steps by hand."
     );
     Ok(())
-}
-
-fn run_tool(cmd: &mut std::process::Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// Builds `<work>/layout` with umoci: busybox in one layer, a message in a second, and
-/// an environment in the config. Returns the `oci-layout:` reference.
-fn demo_image(work: &std::path::Path) -> anyhow::Result<String> {
-    let layout = work.join("layout");
-    let image = format!("{}:demo", layout.display());
-    let umoci = || std::process::Command::new("umoci");
-    run_tool(umoci().args(["init", "--layout"]).arg(&layout))?;
-    run_tool(umoci().args(["new", "--image", &image]))?;
-    for (n, layer) in ["busybox", "message"].iter().enumerate() {
-        let bundle = work.join(format!("bundle{n}"));
-        run_tool(umoci().args(["unpack", "--image", &image]).arg(&bundle))?;
-        let root = bundle.join("rootfs");
-        if *layer == "busybox" {
-            std::fs::create_dir_all(root.join("bin"))?;
-            std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
-            let out = std::process::Command::new("/bin/busybox")
-                .arg("--list")
-                .output()?;
-            for applet in String::from_utf8_lossy(&out.stdout).lines() {
-                if applet != "busybox" && applet != "init" {
-                    std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
-                }
-            }
-        } else {
-            std::fs::create_dir_all(root.join("etc"))?;
-            std::fs::write(
-                root.join("etc/motd"),
-                "This rootfs was an OCI image a moment ago.\n",
-            )?;
-        }
-        run_tool(umoci().args(["repack", "--image", &image]).arg(&bundle))?;
-    }
-    run_tool(umoci().args([
-        "config",
-        "--image",
-        &image,
-        "--config.env",
-        "GREETING=Hello",
-    ]))?;
-    Ok(format!("oci-layout:{image}"))
 }
 
 fn test(guest: &setup::Guest, extra: &[String]) -> anyhow::Result<()> {

@@ -41,6 +41,8 @@ const PACKAGES: &[&str] = &[
     // Sandbox networking (libs/net): nft for its firewall, ip and tc from iproute2.
     "nftables",
     "iproute2",
+    // The Quick Start (`cargo xtask demo`) and the `nanobox up` test speak REST with curl.
+    "curl",
 ];
 
 /// Target triple of the static guest init.

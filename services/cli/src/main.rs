@@ -1,11 +1,20 @@
-//! `nanobox`: run NanoBox pieces on one machine, without the services.
+//! `nanobox`: the NanoBox command.
 //!
-//! `nanobox vm run` boots a guest from an ext4 rootfs, runs one command in it with its
-//! output streamed back, and exits with the command's status. It stays useful after the
-//! full stack exists: it is the shortest path from "does this image boot?" to an answer.
+//! - `nanobox up` runs the whole stack on this machine ([`up`]);
+//! - `nanobox template warmup|ls|status|rm`, `nanobox sandbox create|ls|get|rm|keepalive|
+//!   pause|resume` and `nanobox exec` use the REST API of a running NanoBox ([`client`],
+//!   [`templates`], [`sandboxes`], [`exec`]);
+//! - `nanobox template build` and `nanobox vm run` work offline, without the services:
+//!   the shortest path from "does this image boot?" to an answer.
 
+mod client;
+mod exec;
+mod output;
 mod paths;
+mod sandboxes;
 mod template_build;
+mod templates;
+mod up;
 mod vm_run;
 
 use clap::{Parser, Subcommand};
@@ -17,24 +26,36 @@ use clap::{Parser, Subcommand};
     about = "NanoBox: OCI images as microVM sandboxes"
 )]
 struct Cli {
+    #[command(flatten)]
+    api: client::ApiArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Work with single VMs directly (debugging).
-    #[command(subcommand)]
-    Vm(VmCommand),
-    /// Work with templates locally, without the services.
+    /// Run the whole stack on this machine, in the foreground, until Ctrl-C.
+    Up(up::UpArgs),
+    /// Templates: warm images up through the API, or build one locally.
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Sandboxes through the API.
+    #[command(subcommand)]
+    Sandbox(sandboxes::SandboxCommand),
+    /// Run a command in a sandbox, streaming its output; exits with its exit code.
+    Exec(exec::ExecArgs),
+    /// Work with single VMs directly, without the services (debugging).
+    #[command(subcommand)]
+    Vm(VmCommand),
 }
 
 #[derive(Debug, Subcommand)]
 enum TemplateCommand {
-    /// Turn an OCI image into a bootable ext4 rootfs with the guest init injected.
+    /// Turn an OCI image into a bootable ext4 rootfs with the guest init injected
+    /// (locally, without the services).
     Build(template_build::BuildArgs),
+    #[command(flatten)]
+    Api(templates::TemplateApiCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,9 +90,23 @@ fn main() {
                 None
             }
         };
+        let api = cli.api;
+        let one_line = |result: Result<(), client::CliError>| match result {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("nanobox: {e}");
+                1
+            }
+        };
         match cli.command {
+            Command::Up(args) => up::run(args).await,
             Command::Vm(VmCommand::Run(args)) => vm_run::run(args).await,
             Command::Template(TemplateCommand::Build(args)) => template_build::run(args).await,
+            Command::Template(TemplateCommand::Api(command)) => {
+                one_line(templates::run(command, &api).await)
+            }
+            Command::Sandbox(command) => one_line(sandboxes::run(command, &api).await),
+            Command::Exec(args) => exec::run(args, &api).await,
         }
     });
     // Do not wait for the runtime to wind down: stdout is flushed and the VM is gone.

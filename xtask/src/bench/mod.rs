@@ -6,6 +6,7 @@
 //! - [`warmup`]: OCI image to ext4 against `umoci unpack` + `mkfs.ext4 -d`.
 //! - [`node`]: the node agent: pool and cold creates, clones, idle memory, destroys.
 //! - [`api`]: the public API through the gateway and scheduler: creates at c1/c20, exec, overhead.
+//! - [`up`]: `nanobox up` to ready, and the seed's Quick Start over REST on a warm cache.
 
 use std::path::Path;
 
@@ -14,11 +15,13 @@ use serde_json::json;
 mod api;
 mod boot;
 mod node;
+mod up;
 mod warmup;
 
 pub use api::api;
 pub use boot::boot;
 pub use node::node;
+pub use up::up;
 pub use warmup::warmup;
 
 pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
