@@ -216,14 +216,15 @@ pub fn run(up: &Up, image: &str, show: bool) -> anyhow::Result<Timings> {
             &format!("/api/v1/templates/{TEMPLATE}/status"),
             None,
         )?;
-        let state = status["task"]["state"].as_str().unwrap_or("").to_owned();
+        // The REST answer is the task itself (`response_body: "task"`).
+        let state = status["state"].as_str().unwrap_or("").to_owned();
         if show && state != last {
             println!("  template {TEMPLATE}: {state}");
         }
         match state.as_str() {
             "TEMPLATE_STATE_READY" => break,
             "TEMPLATE_STATE_FAILED" => {
-                anyhow::bail!("warmup failed: {}", status["task"]["message"])
+                anyhow::bail!("warmup failed: {}", status["message"])
             }
             _ => {}
         }

@@ -92,7 +92,8 @@ pub async fn run(command: TemplateApiCommand, api: &ApiArgs) -> Result<(), CliEr
             if api.json {
                 return print_json(&answer);
             }
-            let task = &answer["task"];
+            // REST answers with the task itself (`response_body: "task"`).
+            let task = &answer;
             println!("name:     {}", text(&task["name"]));
             println!("image:    {}", text(&task["image"]));
             println!(
@@ -145,12 +146,12 @@ async fn warmup(
     let mut progress = Progress::new(name);
     let started = Instant::now();
     let path = format!("/api/v1/templates/{}/status", segment(name));
-    let answer = loop {
-        let answer = client.get(&path).await?;
-        let task = &answer["task"];
-        progress.show(task);
+    // REST answers with the task itself (`response_body: "task"`).
+    let task = loop {
+        let task = client.get(&path).await?;
+        progress.show(&task);
         match task["state"].as_str() {
-            Some("TEMPLATE_STATE_READY") | Some("TEMPLATE_STATE_FAILED") => break answer,
+            Some("TEMPLATE_STATE_READY") | Some("TEMPLATE_STATE_FAILED") => break task,
             _ => {}
         }
         if started.elapsed() > WARMUP_LIMIT {
@@ -163,7 +164,6 @@ async fn warmup(
         tokio::time::sleep(POLL).await;
     };
     progress.finish();
-    let task = &answer["task"];
     if task["state"] == "TEMPLATE_STATE_FAILED" {
         return Err(CliError::new(format!(
             "warmup of {name} failed: {}",
@@ -171,9 +171,14 @@ async fn warmup(
         )));
     }
     if json_out {
-        return print_json(&answer);
+        return print_json(&task);
     }
-    let template = &answer["template"];
+    let listed = client.get("/api/v1/templates").await?;
+    let template = listed["templates"]
+        .as_array()
+        .and_then(|all| all.iter().find(|t| t["name"] == name))
+        .cloned()
+        .unwrap_or(Value::Null);
     eprintln!(
         "template {name} READY in {:.1} s: {} ({}), {}",
         started.elapsed().as_secs_f64(),

@@ -37,7 +37,8 @@ fn nanobox() -> Command {
     // The CLI must take the endpoint from what the test gives it, nothing else.
     cmd.env_remove("NANOBOX_URL")
         .env_remove("NANOBOX_API_KEY")
-        .env("NANOBOX_CLI_CONFIG", "/nonexistent/cli.toml")
+        .env_remove("NANOBOX_CLI_CONFIG")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
         .env_remove("RUST_LOG");
     cmd
 }
@@ -56,13 +57,31 @@ struct Up {
     env: BTreeMap<String, String>,
     stdout_lines: Vec<String>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The network namespace it runs in (its 127.0.0.1 is that namespace's).
+    netns: Option<String>,
 }
 
 impl Up {
     /// `nanobox up` on free ports; returns once it printed `nanobox: ready`, or panics
     /// with its stderr.
     fn start(data: &Path, registry: Option<&str>) -> Self {
-        let mut cmd = nanobox();
+        Self::start_in(None, data, registry, &[])
+    }
+
+    /// [`Up::start`] in the network namespace `netns` (`ip netns exec`), with `extra`
+    /// flags.
+    fn start_in(netns: Option<&str>, data: &Path, registry: Option<&str>, extra: &[&str]) -> Self {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_nanobox")])
+                    .env_remove("NANOBOX_URL")
+                    .env_remove("NANOBOX_API_KEY")
+                    .env_remove("RUST_LOG");
+                cmd
+            }
+            None => nanobox(),
+        };
         cmd.arg("up")
             .arg("--data-dir")
             .arg(data)
@@ -83,6 +102,7 @@ impl Up {
         if let Some(host) = registry {
             cmd.args(["--plain-http-registry", host]);
         }
+        cmd.args(extra);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -111,6 +131,7 @@ impl Up {
             env: BTreeMap::new(),
             stdout_lines: Vec::new(),
             stderr,
+            netns: netns.map(str::to_owned),
         };
         let deadline = Instant::now() + UP_LIMIT;
         loop {
@@ -152,7 +173,14 @@ impl Up {
 
     /// `curl` with the key, as the README's lines run it; the JSON answer.
     fn curl(&self, method: &str, path: &str, body: Option<&str>) -> Value {
-        let mut cmd = Command::new("curl");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, "curl"]);
+                cmd
+            }
+            None => Command::new("curl"),
+        };
         cmd.args(["-sS", "--fail-with-body", "-X", method])
             .arg(format!("{}{path}", self.var("NANOBOX_URL")))
             .arg("-H")
@@ -297,11 +325,15 @@ fn up_runs_the_quick_start_over_rest_and_the_cli_then_leaves_nothing_behind() {
         "/api/v1/templates/warmup",
         Some(&format!(r#"{{"name": "node22", "image": "{image}"}}"#)),
     );
-    assert_eq!(warmup["task"]["name"], "node22", "{warmup}");
+    assert_eq!(warmup["name"], "node22", "{warmup}");
+    assert_eq!(warmup["state"], "TEMPLATE_STATE_QUEUED", "{warmup}");
     let deadline = Instant::now() + WARMUP_LIMIT;
     loop {
         let status = up.curl("GET", "/api/v1/templates/node22/status", None);
-        match status["task"]["state"].as_str().unwrap() {
+        match status["state"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{status}"))
+        {
             "TEMPLATE_STATE_READY" => break,
             "TEMPLATE_STATE_FAILED" => panic!("warmup failed: {status}"),
             _ => {}
@@ -446,7 +478,7 @@ fn a_second_up_is_refused_one_after_kill_9_cleans_up_and_the_cli_says_what_is_wr
     // Bad input to the CLI: one line each, a non-zero exit, no panic or backtrace.
     let bad: Vec<(Vec<&str>, Command, &str)> = vec![
         (
-            vec!["sandbox", "get", "sb-0123456789abcdef"],
+            vec!["sandbox", "get", "sb-01jq0000000000000000000000"],
             first.cli(),
             "HTTP 404, NOT_FOUND",
         ),
@@ -471,7 +503,7 @@ fn a_second_up_is_refused_one_after_kill_9_cleans_up_and_the_cli_says_what_is_wr
             "cannot reach the NanoBox API at http://127.0.0.1:1",
         ),
         (
-            vec!["exec", "sb-0123456789abcdef", "--", "true"],
+            vec!["exec", "sb-01jq0000000000000000000000", "--", "true"],
             first.cli(),
             "HTTP 404, NOT_FOUND",
         ),
@@ -511,4 +543,131 @@ fn a_second_up_is_refused_one_after_kill_9_cleans_up_and_the_cli_says_what_is_wr
     let status = second.terminate();
     assert!(status.success(), "{status}");
     assert_nothing_left(data.path());
+}
+
+#[test]
+fn internet_gives_sandboxes_a_nat_uplink_out_of_the_nodes_namespace_and_takes_it_away() {
+    use nanobox_testkit::netns::{add_route, link_wan, Netns, WAN_FAR};
+
+    // This test's stand-in for a machine on a network: a namespace "world" (where `nanobox
+    // up` runs, as on a host) whose default route leads to an "internet" namespace with a
+    // web server. Nothing is configured in the test runner's own namespace.
+    let netns = Netns::new("upinet");
+    let world = netns.add("world");
+    let internet = netns.add("inet");
+    link_wan(&world, &internet);
+    add_route(&world, "default", WAN_FAR);
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("hello.txt"), "hello from the internet\n").unwrap();
+    let mut server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &internet,
+            "python3",
+            "-m",
+            "http.server",
+            "8000",
+        ])
+        .args(["--bind", &WAN_FAR.to_string(), "--directory"])
+        .arg(site.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{WAN_FAR}:8000/hello.txt");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !Command::new("ip")
+        .args(["netns", "exec", &world, "curl", "-sf", &url])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the web server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let data = data_dir();
+    let mut up = Up::start_in(
+        Some(&world),
+        data.path(),
+        None,
+        &["--internet", "--dns", &WAN_FAR.to_string()],
+    );
+    // The uplink's end in "world", named after the stack; the stack's host namespace.
+    let links = String::from_utf8(
+        Command::new("ip")
+            .args(["-n", &world, "-o", "link"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(links.contains("nbxup"), "{links}");
+
+    // A template without a warmup: the test rootfs (busybox, with wget), published into
+    // the stack's own database and object store.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut db = tokio_postgres::Config::new();
+        db.host_path(data.path().join("pg/sock"))
+            .user("postgres")
+            .dbname("nanobox");
+        let meta = nanobox_store::MetadataStore::open(db, Default::default())
+            .await
+            .unwrap();
+        let objects = nanobox_store::open_object_store(&format!(
+            "file://{}",
+            data.path().join("objects").display()
+        ))
+        .unwrap();
+        nanobox_testkit::template::publish_template(
+            &meta,
+            objects.as_ref(),
+            "bb",
+            &env_file("NANOBOX_TEST_ROOTFS"),
+        )
+        .await;
+    });
+
+    let sandbox = up.curl(
+        "POST",
+        "/api/v1/sandboxes",
+        Some(r#"{"template": "bb", "network": {"mode": "NETWORK_MODE_INTERNET"}}"#),
+    );
+    assert_eq!(sandbox["state"], "SANDBOX_STATE_RUNNING", "{sandbox}");
+    let id = sandbox["id"].as_str().unwrap().to_owned();
+    let exec = up.curl(
+        "POST",
+        &format!("/api/v1/sandboxes/{id}/exec"),
+        Some(&serde_json::json!({"command": "wget", "args": ["-qO-", url]}).to_string()),
+    );
+    assert_eq!(exec["stdout"], "hello from the internet\n", "{exec}");
+    assert_eq!(exec["exit_code"], 0, "{exec}");
+
+    let status = up.terminate();
+    assert!(status.success(), "{status}: {}", up.stderr.lock().unwrap());
+    assert_nothing_left(data.path());
+    // The uplink and its masquerade table went with the stack.
+    let links = String::from_utf8(
+        Command::new("ip")
+            .args(["-n", &world, "-o", "link"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(!links.contains("nbxup"), "{links}");
+    let tables = String::from_utf8(
+        Command::new("ip")
+            .args(["netns", "exec", &world, "nft", "list", "tables"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(!tables.contains("nanobox_up"), "{tables}");
+    let _ = server.kill();
+    let _ = server.wait();
 }
