@@ -41,8 +41,10 @@ const PACKAGES: &[&str] = &[
     // Sandbox networking (libs/net): nft for its firewall, ip and tc from iproute2.
     "nftables",
     "iproute2",
-    // The Quick Start (`cargo xtask demo`) and the `nanobox up` test speak REST with curl.
+    // The Quick Start (`cargo xtask demo`, the README) and the `nanobox up` tests speak
+    // REST with curl; the README's lines pick the sandbox id out with jq.
     "curl",
+    "jq",
 ];
 
 /// Target triple of the static guest init.
