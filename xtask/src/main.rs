@@ -8,6 +8,7 @@
 //! - `bench <name>`: run a benchmark, print a table, write `target/bench/<name>.json`.
 
 mod bench;
+mod deploy;
 mod quickstart;
 mod setup;
 
@@ -34,6 +35,9 @@ enum Command {
     },
     /// Run a benchmark: boot, warmup, node, api, up.
     Bench { name: String },
+    /// Set up, then check docker/, helm/ and the Tiltfile with hadolint, trivy, the Helm
+    /// SDK, kubernetes-validate and a Starlark evaluation, and build two images with buildah.
+    CheckDeploy,
 }
 
 fn main() {
@@ -59,6 +63,10 @@ fn run() -> anyhow::Result<()> {
         Command::Test { args } => {
             let guest = setup::prepare()?;
             test(&guest, &args)?;
+        }
+        Command::CheckDeploy => {
+            setup::prepare()?;
+            deploy::check()?;
         }
         Command::Bench { name } => {
             let guest = setup::prepare()?;
@@ -98,6 +106,8 @@ fn demo(guest: &setup::Guest) -> anyhow::Result<()> {
 }
 
 fn test(guest: &setup::Guest, extra: &[String]) -> anyhow::Result<()> {
+    setup::step("deployment artefacts (cargo xtask check-deploy)");
+    deploy::check()?;
     setup::ensure_nextest()?;
     setup::ensure_vsock_device()?;
     setup::step("running the test suite (real guests under QEMU)");
