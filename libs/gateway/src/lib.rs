@@ -13,6 +13,7 @@
 //! - [`auth`]: bearer API keys, compared in constant time;
 //! - [`openapi`]: the OpenAPI document of the routes;
 //! - [`status`]: gRPC codes to HTTP statuses and the `{code, message}` error body;
+//! - [`metrics`]: REST request counts and latencies by method, route and status;
 //! - [`server`]: the axum router tying them together.
 //!
 //! The `gateway` binary (`services/gateway`) wires it to `nanobox.toml`.
@@ -22,6 +23,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod metrics;
 pub mod openapi;
 pub mod routes;
 pub mod server;

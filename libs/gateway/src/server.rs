@@ -1,5 +1,9 @@
-//! The HTTP side: the axum router with API-key checks, body limits, deadlines, request ids
-//! and tracing, dispatching each request to its route and its upstream.
+//! The HTTP side: the axum router with API-key checks, body limits, deadlines, request ids,
+//! tracing and request metrics, dispatching each request to its route and its upstream.
+//!
+//! Each request runs in an `http` span (a child of the caller's `traceparent`, if any);
+//! its trace context is what the upstream call carries, so the upstream's span is its
+//! child.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,6 +135,10 @@ impl Gateway {
             .route(HEALTH_PATH, get(health))
             .route(OPENAPI_PATH, get(openapi_document))
             .merge(api)
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&gateway),
+                crate::metrics::record,
+            ))
             .with_state(gateway)
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(
@@ -152,17 +160,47 @@ fn make_span(request: &Request) -> tracing::Span {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    // `otel.name` becomes "METHOD /route/{template}" once the route is known.
     let span = tracing::info_span!(
         "http",
+        otel.name = %request.method(),
+        otel.kind = "server",
         method = %request.method(),
         path = %request.uri().path(),
         request_id,
         rpc = tracing::field::Empty,
+        http.route = tracing::field::Empty,
+        sandbox_id = tracing::field::Empty,
+        template = tracing::field::Empty,
     );
     if request.headers().contains_key("traceparent") {
         nanobox_telemetry::set_parent_from(&span, &trace_metadata(request.headers()));
     }
     span
+}
+
+/// Names the request's span after its route, and gives it the sandbox or template the
+/// path names.
+fn record_route(route: &Route, bindings: &[(String, String)]) {
+    let span = tracing::Span::current();
+    span.record("rpc", route.rpc_name())
+        .record("http.route", route.template.as_str());
+    nanobox_telemetry::rename_span(
+        &span,
+        format!("{} {}", route.http_method, route.template.as_str()),
+    );
+    let service = route.method.parent_service().name();
+    for (field, value) in bindings {
+        match (service, field.as_str()) {
+            ("Sandboxes", "id") => {
+                span.record("sandbox_id", value.as_str());
+            }
+            ("Templates", "name") => {
+                span.record("template", value.as_str());
+            }
+            _ => {}
+        }
+    }
 }
 
 fn trace_metadata(headers: &HeaderMap) -> MetadataMap {
@@ -232,7 +270,7 @@ async fn dispatch(State(gateway): State<Arc<Gateway>>, request: Request) -> Resp
             response
         }
         RouteMatch::Found(route, bindings) => {
-            tracing::Span::current().record("rpc", route.rpc_name());
+            record_route(route, &bindings);
             match gateway.call(route, &bindings, &parts, body).await {
                 Ok(response) => response,
                 Err(e) => {

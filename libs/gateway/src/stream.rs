@@ -77,6 +77,9 @@ impl Collected {
     }
 }
 
+/// How long an aggregated exec waits, after the exit, for the end of its stream.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+
 /// Collects an exec stream into one answer:
 ///
 /// ```json
@@ -134,6 +137,14 @@ pub async fn aggregate_exec(
                     None => Value::from(0),
                 }
             };
+            // The exit is the last event; reading on to the end of the stream takes the
+            // call's OK status instead of cancelling the call, which upstream metrics and
+            // traces would count as CANCELLED. Bounded: nothing waits long for it.
+            let drain = deadline.min(Instant::now() + DRAIN_AFTER_EXIT);
+            let _ = tokio::time::timeout_at(drain, async {
+                while let Some(Ok(_)) = stream.next().await {}
+            })
+            .await;
             return Ok(json!({
                 "stdout": stdout.text(),
                 "stderr": stderr.text(),

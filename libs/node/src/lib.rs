@@ -9,12 +9,17 @@
 //! and cold VMs. Every VM is recorded on disk before anything is created for it
 //! ([`record`]), so a restarted agent finds and removes everything a previous run left
 //! (its sandboxes are reported lost). A reaper destroys sandboxes past their deadline.
+//!
+//! Creates, boots, execs, capacity and pools are recorded as Prometheus series through the
+//! `metrics` facade ([`metrics`]); the request spans of the node agent get the sandbox,
+//! template and node ids, and calls to the guest are child spans of them.
 
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
 mod config;
 mod error;
+pub mod metrics;
 mod node;
 mod pause;
 mod pool;

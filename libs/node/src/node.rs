@@ -10,6 +10,7 @@ use nanobox_node_storage::TemplateCache;
 use nanobox_store::{MetadataStore, ObjectStore};
 use nanobox_vmm::{Vm, VmBackend};
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 
 use crate::cgroup::CgroupLayout;
 use crate::record::{RecordStore, VmRecord};
@@ -247,6 +248,7 @@ impl Node {
         node.recover().await?;
         tokio::spawn(reaper(Arc::downgrade(&node.inner)));
         tokio::spawn(crate::pool::refiller(Arc::downgrade(&node.inner)));
+        tokio::spawn(crate::metrics::sampler(Arc::downgrade(&node.inner)));
         Ok(node)
     }
 
@@ -337,6 +339,10 @@ impl Node {
             });
         }
         let id = request.id.clone().unwrap_or_default();
+        tracing::Span::current()
+            .record("sandbox_id", id.as_str())
+            .record("template", spec.template.as_str())
+            .record("node_id", inner.config.node_id.as_str());
         // Idempotent on the id: a retried create (the scheduler's, after a lost reply)
         // gets the sandbox it already made.
         if let Some(existing) = lock(&inner.sandboxes).get(&id) {
@@ -355,7 +361,10 @@ impl Node {
                 "sandbox {id} is being created; retry to get it"
             )));
         }
-        let result = self.create_new(&id, &request, timeout).await;
+        let started = Instant::now();
+        let mut path = "none";
+        let result = self.create_new(&id, &request, timeout, &mut path).await;
+        crate::metrics::create_finished(path, result.is_ok(), started.elapsed());
         let idle = {
             let mut creating = lock(&inner.creating);
             creating.remove(&id);
@@ -367,11 +376,14 @@ impl Node {
         result
     }
 
+    /// A create of a new sandbox; sets `path` (for the metrics) to `pool` or `cold` once
+    /// it is decided.
     async fn create_new(
         &self,
         id: &SandboxId,
         request: &CreateRequest,
         timeout: Duration,
+        path: &mut &'static str,
     ) -> Result<Created, NodeError> {
         let inner = &self.inner;
         let spec = &request.spec;
@@ -403,6 +415,7 @@ impl Node {
         } else {
             None
         };
+        *path = if pooled.is_some() { "pool" } else { "cold" };
         let (booted, from_pool) = match pooled {
             Some(booted) => (booted, true),
             None => {
@@ -432,7 +445,13 @@ impl Node {
                         )
                         .await
                 }
+                .instrument(tracing::info_span!(
+                    "vm.boot",
+                    sandbox_id = %id,
+                    template = %template.name,
+                ))
                 .await;
+                crate::metrics::vm_booted("sandbox", booted.as_ref().ok().map(|b| b.boot_time));
                 match booted {
                     Ok(b) => (b, false),
                     Err(e) => {
@@ -494,6 +513,9 @@ impl Node {
 
     /// Destroys a sandbox, running or paused; `Ok(false)` if it was neither here.
     pub async fn destroy(&self, id: &SandboxId) -> Result<bool, NodeError> {
+        tracing::Span::current()
+            .record("sandbox_id", id.as_str())
+            .record("node_id", self.inner.config.node_id.as_str());
         if let Some(result) = self.inner.destroy_paused(id, "destroyed").await {
             return result.map(|()| true);
         }
@@ -534,6 +556,9 @@ impl Node {
 
     /// Starts a command in a sandbox; the stream yields its output and exit.
     pub async fn exec(&self, id: &SandboxId, spec: ExecSpec) -> Result<ExecStream, NodeError> {
+        tracing::Span::current()
+            .record("sandbox_id", id.as_str())
+            .record("node_id", self.inner.config.node_id.as_str());
         let sandbox = self.inner.running(id)?;
         let mut argv = Vec::with_capacity(spec.args.len() + 1);
         argv.push(spec.command);
@@ -548,9 +573,15 @@ impl Node {
             timeout: spec.timeout,
             stdin: !spec.stdin.is_empty(),
         };
+        // The call to the guest is a child span of the node's request.
         let mut stream = sandbox
             .agent
             .exec(request)
+            .instrument(tracing::info_span!(
+                "guest.exec",
+                otel.kind = "client",
+                sandbox_id = %id
+            ))
             .await
             .map_err(|e| guest_error(id, &e))?;
         if !spec.stdin.is_empty() {
@@ -886,8 +917,14 @@ impl Inner {
         record.boot_time_ms = u32::try_from(boot_time.as_millis()).unwrap_or(u32::MAX);
         let ready = async {
             self.booter.records.put(&record)?;
+            // The call to the guest is a child span of the node's request.
             agent
                 .configure(configure, CONFIGURE_TIMEOUT)
+                .instrument(tracing::info_span!(
+                    "guest.configure",
+                    otel.kind = "client",
+                    sandbox_id = %id
+                ))
                 .await
                 .map_err(|e| guest_error(id, &e))
         }

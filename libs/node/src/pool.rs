@@ -160,6 +160,7 @@ async fn boot_one(
             .await
     }
     .await;
+    crate::metrics::vm_booted("pool", result.as_ref().ok().map(|b| b.boot_time));
     match result {
         Ok(booted) => {
             tracing::info!(vm = %booted.record.vm_id, template = %target.template, boot_ms = booted.boot_time.as_millis() as u64, "pooled VM ready");

@@ -201,6 +201,16 @@ fn tracer_provider(
         .build())
 }
 
+/// Gives `span` the OpenTelemetry name `name`, also once it has started (entered): a
+/// recorded `otel.name` field only names a span that has not started yet. For spans
+/// whose name is known only part-way, such as an HTTP request's once its route is found.
+pub fn rename_span(span: &tracing::Span, name: String) {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    span.record("otel.name", name.as_str());
+    span.context().span().update_name(name);
+}
+
 /// Resolves when the process is asked to stop (SIGTERM or SIGINT): the shutdown future
 /// every NanoBox service hands to its server, so all of them stop the same way and log it.
 pub async fn shutdown_signal() {
@@ -271,6 +281,25 @@ mod tests {
             Err(TelemetryError::AlreadyInitialized(_))
         ));
         drop(guard);
+    }
+
+    #[test]
+    fn a_started_span_can_be_renamed() {
+        use opentelemetry::trace::TracerProvider as _;
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("http", otel.name = "GET");
+            let _entered = span.enter();
+            rename_span(&span, "GET /api/v1/sandboxes/{id}".to_owned());
+        });
+        let spans = exporter.get_finished_spans().unwrap();
+        assert_eq!(spans.len(), 1, "{spans:#?}");
+        assert_eq!(spans[0].name, "GET /api/v1/sandboxes/{id}");
     }
 
     #[test]

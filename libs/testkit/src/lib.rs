@@ -13,6 +13,9 @@
 //! their configuration files, [`node_agent::NodeAgent`] runs a node agent in its
 //! namespaces, and [`template::publish_template`] publishes the test rootfs as a READY
 //! template.
+//!
+//! For the observability tests: [`otlp::OtlpReceiver`] receives the spans services export
+//! over OTLP, and [`prometheus::scrape`] reads a service's `/metrics`.
 
 #![forbid(unsafe_code)]
 
@@ -20,8 +23,10 @@ pub mod config;
 pub mod images;
 pub mod netns;
 pub mod node_agent;
+pub mod otlp;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 pub mod registry;
 pub mod s3;
 pub mod template;

@@ -27,9 +27,23 @@ impl NodeAgent {
     /// Writes `config` for the namespaces `net` to `file` and starts the node agent binary
     /// `bin` with it; returns once it serves.
     pub fn start(bin: &Path, file: &Path, config: &AgentConfig<'_>, net: NodeNet) -> Self {
+        Self::start_with_env(bin, file, config, net, &[])
+    }
+
+    /// [`NodeAgent::start`] with further environment variables for the process (such as
+    /// `NANOBOX__AGENT__METRICS_ADDR` overrides of keys the config does not write).
+    pub fn start_with_env(
+        bin: &Path,
+        file: &Path,
+        config: &AgentConfig<'_>,
+        net: NodeNet,
+        env: &[(&str, &str)],
+    ) -> Self {
         std::fs::write(file, config.to_toml(&net))
             .unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));
-        let process = Process::spawn("node-agent", &mut service_command(bin, file));
+        let mut command = service_command(bin, file);
+        command.envs(env.iter().copied());
+        let process = Process::spawn("node-agent", &mut command);
         Self {
             node_id: config.node_id.to_owned(),
             process,

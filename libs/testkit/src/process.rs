@@ -3,7 +3,8 @@
 //!
 //! Every NanoBox service prints `listening on <addr>` as the first line of its stdout once
 //! it serves; [`Process::spawn`] waits for that line (bounded), so a test starts talking
-//! to a service only when it is up.
+//! to a service only when it is up. Later lines (`metrics on <addr>` when the service
+//! serves metrics) are kept for [`Process::line_after`].
 
 use std::ffi::OsStr;
 use std::io::{BufRead as _, BufReader};
@@ -101,6 +102,8 @@ pub struct Process {
     name: String,
     /// The address it printed (`listening on <addr>`).
     pub addr: String,
+    /// The lines of its stdout after the first, as they come.
+    later: std::sync::mpsc::Receiver<String>,
     /// How long a drop waits for it to stop after SIGTERM; `None`: SIGKILL at once.
     drop_grace: Option<Duration>,
 }
@@ -119,20 +122,26 @@ impl Process {
             panic!("{name}: stdout was not piped");
         };
         // Read the line on a thread so that a process that never prints cannot hang the
-        // test; the thread then drains the rest, so the child never blocks on a full pipe
-        // (nor fails writing to a closed one).
+        // test; the thread then reads the rest (kept for `line_after`), so the child never
+        // blocks on a full pipe (nor fails writing to a closed one).
         let (tx, rx) = std::sync::mpsc::channel();
+        let (later_tx, later) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
             let mut line = String::new();
             let _ = reader.read_line(&mut line);
             let _ = tx.send(line);
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            for line in reader.lines() {
+                let Ok(line) = line else { break };
+                // Nobody listening any more: keep draining.
+                let _ = later_tx.send(line);
+            }
         });
         let mut process = Self {
             child,
             name: name.to_owned(),
             addr: String::new(),
+            later,
             drop_grace: None,
         };
         let line = rx
@@ -151,6 +160,24 @@ impl Process {
     pub fn stop_on_drop(mut self, limit: Duration) -> Self {
         self.drop_grace = Some(limit);
         self
+    }
+
+    /// The rest of the next stdout line after the first that starts with `prefix` (lines
+    /// before it are skipped), waiting at most [`START_TIMEOUT`]: `line_after("metrics on
+    /// ")` is the address of its metrics listener.
+    pub fn line_after(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.later.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.trim().strip_prefix(prefix) {
+                        return rest.to_owned();
+                    }
+                }
+                Err(_) => panic!("{} printed no line starting with {prefix:?}", self.name),
+            }
+        }
     }
 
     /// Its process id.

@@ -23,10 +23,14 @@
 //!   task's work is idempotent, so after a restart [`Warmer::resume`] simply runs every
 //!   unfinished task again (cached layers and objects make that cheap). A failed first
 //!   warmup leaves only its task record (for `Status`), no template and no object.
+//!
+//! Each task runs in a `warmup` span, a child of the request that submitted it, and its
+//! outcome and duration are recorded as Prometheus series ([`metrics`]).
 
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod metrics;
 mod progress;
 
 use std::collections::HashMap;
@@ -41,6 +45,7 @@ use nanobox_store::rootfs::{rootfs_keys, sidecar_key, RootfsInfo, RootfsKeys};
 use nanobox_store::{MetadataStore, ObjectKey, ObjectStore, StoreError};
 use sha2::{Digest as _, Sha256};
 use tokio::task::AbortHandle;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 pub use error::WarmupError;
@@ -265,6 +270,8 @@ impl Warmer {
         image_ref: &str,
         platform: &str,
     ) -> Result<WarmupTask, WarmupError> {
+        // The request's span (the gRPC call's) names the template.
+        tracing::Span::current().record("template", name.as_str());
         if image_ref.starts_with("oci-layout:") || image_ref.starts_with("docker-archive:") {
             return Err(WarmupError::InvalidArgument {
                 field: "image",
@@ -323,6 +330,9 @@ impl Warmer {
         // The map stays locked until the task is registered, so the task's own removal
         // at its end always comes after its registration.
         let mut running = lock(&self.inner.running);
+        // A child of the submitting request's span (none for a resumed task), so the
+        // trace of a warmup call shows the work it started.
+        let span = tracing::info_span!("warmup", template = %name, task = %id);
         let handle = tokio::spawn({
             let name = name.clone();
             async move {
@@ -332,6 +342,7 @@ impl Warmer {
                     running.remove(&name);
                 }
             }
+            .instrument(span)
         });
         running.insert(
             name,
@@ -448,9 +459,12 @@ impl Inner {
 
     async fn run(self: &Arc<Self>, task: WarmupTask) {
         let id = task.id;
+        let started = std::time::Instant::now();
+        let _running = metrics::Running::start();
         let tracker = Tracker::new(self.meta.clone(), id);
         let result = self.execute(&task, &tracker).await;
         tracker.stop().await;
+        metrics::finished(result.is_ok(), started.elapsed());
         match result {
             Ok(()) => tracing::info!(task = %id, template = %task.template, "warmup ready"),
             Err(e) => {

@@ -4,8 +4,10 @@
 //! and `Cluster` calls to the scheduler.
 //!
 //! It reads `nanobox.toml` (`[api]`: listen address, API keys, body limit, request
-//! timeout; `[builder]` and `[agent] scheduler_addr` / `[api] grpc_addr`: where the
-//! upstreams are) with `NANOBOX__SECTION__KEY` overrides.
+//! timeout, metrics address; `[builder]` and `[agent] scheduler_addr` / `[api]
+//! grpc_addr`: where the upstreams are) with `NANOBOX__SECTION__KEY` overrides. With
+//! `[api].metrics_addr` set it serves Prometheus metrics there (`/metrics`): REST requests
+//! by method, route and status.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,6 +49,11 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let _telemetry = nanobox_telemetry::init("nanobox-gateway", &config.telemetry)
         .context("setting up telemetry")?;
+    let metrics_endpoint =
+        nanobox_telemetry::metrics::serve(config.api.metrics_addr, "nanobox-gateway")
+            .await
+            .context("serving metrics ([api].metrics_addr)")?;
+    nanobox_rest::metrics::describe();
 
     let keys = config.api.load_api_keys().context("reading the API keys")?;
     let api_keys = ApiKeys::new(keys.iter().map(|k| k.expose()));
@@ -95,8 +102,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         keys = keys.len(),
         "gateway serving"
     );
-    // A line for supervisors and tests that asked for port 0.
+    // Lines for supervisors and tests that asked for port 0.
     println!("listening on {local}");
+    if let Some(endpoint) = &metrics_endpoint {
+        println!("metrics on {}", endpoint.local_addr());
+    }
 
     // On SIGTERM the server stops accepting and lets calls in flight finish, but no longer
     // than DRAIN_TIMEOUT: a streamed exec could otherwise hold the exit for hours.

@@ -249,11 +249,20 @@ impl NodeAgent for NodeAgentService {
         let r = request.into_inner();
         let id: SandboxId = convert::sandbox_id("id", &r.id)?;
         let spec = ExecSpec::try_from(r)?;
-        let mut stream = self.node.exec(&id, spec).await.map_err(status)?;
+        let mut watch = nanobox_node::metrics::ExecWatch::start();
+        let mut stream = match self.node.exec(&id, spec).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                watch.failed();
+                return Err(status(e));
+            }
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(EXEC_BUFFER);
         tokio::spawn(async move {
             loop {
-                let item = match stream.next().await {
+                let next = stream.next().await;
+                watch.observe(&next);
+                let item = match next {
                     Ok(Some(event)) => Ok(exec_event(event)),
                     Ok(None) => return,
                     Err(e) => Err(Status::aborted(format!(

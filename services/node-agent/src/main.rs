@@ -1,5 +1,6 @@
 //! `node-agent`: runs sandboxes on one machine and serves `nanobox.node.v1.NodeAgent`
-//! (plus gRPC health and reflection).
+//! (plus gRPC health and reflection), and with `[agent].metrics_addr` set, Prometheus
+//! metrics (`/metrics`: creates, boots, pools, execs, capacity, gRPC calls).
 //!
 //! It wires a [`nanobox_node::Node`] to its parts: the VM backend (QEMU here; Firecracker
 //! on KVM hosts), the metadata database (it only reads which templates are READY, but it
@@ -240,6 +241,12 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let _telemetry = nanobox_telemetry::init("nanobox-node-agent", &config.telemetry)
         .context("setting up telemetry")?;
+    // Before the node starts, so its first numbers are recorded.
+    let metrics_endpoint =
+        nanobox_telemetry::metrics::serve(config.agent.metrics_addr, "nanobox-node-agent")
+            .await
+            .context("serving metrics ([agent].metrics_addr)")?;
+    nanobox_node::metrics::describe();
     let node_config = node_config(&config)?;
 
     let db: tokio_postgres::Config = config
@@ -269,7 +276,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {listen} ([agent].listen_addr)"))?;
     let local = listener.local_addr().context("reading the bound address")?;
     tracing::info!(address = %local, node = %config.agent.node_id, "node-agent serving");
+    // Lines for supervisors and tests that asked for port 0.
     println!("listening on {local}");
+    if let Some(endpoint) = &metrics_endpoint {
+        println!("metrics on {}", endpoint.local_addr());
+    }
     let token = config
         .auth
         .load_service_token()
@@ -286,6 +297,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     tonic::transport::Server::builder()
+        .layer(nanobox_telemetry::grpc::GrpcServerLayer)
         .add_service(health_service)
         .add_service(
             nanobox_proto::reflection(&["nanobox.node.v1.NodeAgent"])

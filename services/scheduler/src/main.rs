@@ -4,12 +4,16 @@
 //! public APIs require a bearer API key from `[api].api_keys` (open when none is
 //! configured); `NodeRegistry` requires the service token.
 //!
+//! With `[scheduler].metrics_addr` set it serves Prometheus metrics there (`/metrics`):
+//! gRPC calls, recorded sandboxes by state, each node's capacity and allocation.
+//!
 //! Sandboxes are recorded in Postgres with their desired and observed state; a reconcile
 //! loop marks silent nodes and their sandboxes LOST, deletes sandboxes past their deadline
 //! and retries deletes that did not reach their node, so a restart loses nothing.
 
 mod error;
 mod grpc;
+mod metrics;
 mod nodes;
 mod scheduler;
 
@@ -62,6 +66,11 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let _telemetry = nanobox_telemetry::init("nanobox-scheduler", &config.telemetry)
         .context("setting up telemetry")?;
+    let metrics_endpoint =
+        nanobox_telemetry::metrics::serve(config.scheduler.metrics_addr, "nanobox-scheduler")
+            .await
+            .context("serving metrics ([scheduler].metrics_addr)")?;
+    metrics::describe();
     let db: tokio_postgres::Config = config
         .database
         .url
@@ -107,7 +116,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         nodes: nodes::Nodes::new(client_auth, settings.lost_after),
         settings,
     });
-    let reconciler = tokio::spawn(reconcile_loop(Arc::clone(&scheduler)));
+    let reconciler = tokio::spawn(reconcile_loop(
+        Arc::clone(&scheduler),
+        metrics_endpoint.is_some(),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SandboxesServer<grpc::Api>>().await;
@@ -119,11 +131,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {listen} ([api].grpc_addr)"))?;
     let local = listener.local_addr().context("reading the bound address")?;
     tracing::info!(address = %local, "scheduler serving");
-    // A line for supervisors and tests that asked for port 0.
+    // Lines for supervisors and tests that asked for port 0.
     println!("listening on {local}");
+    if let Some(endpoint) = &metrics_endpoint {
+        println!("metrics on {}", endpoint.local_addr());
+    }
 
     let api = grpc::Api::new(Arc::clone(&scheduler));
     let result = tonic::transport::Server::builder()
+        .layer(nanobox_telemetry::grpc::GrpcServerLayer)
         .add_service(health_service)
         .add_service(
             nanobox_proto::reflection(&SERVED)
@@ -153,8 +169,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     result
 }
 
-/// Runs a reconcile pass every heartbeat interval (at most every second apart), for ever.
-async fn reconcile_loop(scheduler: Arc<scheduler::Scheduler>) {
+/// Runs a reconcile pass every heartbeat interval (at most every second apart), for ever;
+/// with `metrics`, refreshes the series that come from the database after each pass.
+async fn reconcile_loop(scheduler: Arc<scheduler::Scheduler>, metrics: bool) {
     let period = scheduler
         .settings
         .heartbeat_interval
@@ -165,6 +182,11 @@ async fn reconcile_loop(scheduler: Arc<scheduler::Scheduler>) {
         tick.tick().await;
         if let Err(e) = scheduler.reconcile().await {
             tracing::warn!(error = %e, "reconcile pass failed; next one in {period:?}");
+        }
+        if metrics {
+            if let Err(e) = scheduler.publish_metrics().await {
+                tracing::debug!(error = %e, "sandbox counts not refreshed");
+            }
         }
     }
 }

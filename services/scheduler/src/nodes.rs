@@ -14,11 +14,14 @@ use nanobox_proto::node::v1 as node;
 use nanobox_proto::node::v1::node_agent_client::NodeAgentClient;
 use nanobox_scheduler::auth::ClientAuth;
 use nanobox_scheduler::placement::{Candidate, Need};
+use nanobox_telemetry::grpc::{InjectContext, InjectContextLayer};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+use tower::Layer as _;
 
-/// A node agent client that sends the service token.
-pub type NodeClient = NodeAgentClient<InterceptedService<Channel, ClientAuth>>;
+/// A node agent client that sends the service token and the caller's trace context (so
+/// the node's span of a call is a child of the scheduler's).
+pub type NodeClient = NodeAgentClient<InterceptedService<InjectContext<Channel>, ClientAuth>>;
 
 /// How long dialing a node may take before a call fails UNAVAILABLE.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,7 +38,10 @@ pub fn client(address: &str, auth: &ClientAuth) -> Result<NodeClient, tonic::tra
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .connect_lazy();
-    Ok(NodeAgentClient::with_interceptor(channel, auth.clone()))
+    Ok(NodeAgentClient::with_interceptor(
+        InjectContextLayer.layer(channel),
+        auth.clone(),
+    ))
 }
 
 #[derive(Debug)]

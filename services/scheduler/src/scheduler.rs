@@ -109,6 +109,8 @@ impl Scheduler {
     /// The client of node `id`: the live one, else one built from its recorded address
     /// (after a scheduler restart, before the node registered again).
     async fn node_client(&self, id: &str) -> Result<NodeClient, SchedulerError> {
+        // Every call routed to a node comes here: the request's span names the node.
+        tracing::Span::current().record("node_id", id);
         if let Some(client) = self.nodes.client_of(id) {
             return Ok(client);
         }
@@ -130,6 +132,7 @@ impl Scheduler {
 
     async fn sandbox(&self, id: &str) -> Result<SandboxRecord, SchedulerError> {
         let id = convert::sandbox_id("id", id)?;
+        tracing::Span::current().record("sandbox_id", id.as_str());
         self.meta
             .get_sandbox(&id)
             .await?
@@ -195,6 +198,9 @@ impl Scheduler {
         let mut reservation = self.nodes.reserve(&node_id, Some(&template_name), need);
 
         let id = SandboxId::new();
+        tracing::Span::current()
+            .record("sandbox_id", id.as_str())
+            .record("template", template_name.as_str());
         let (record, created) = self
             .meta
             .insert_sandbox(&NewSandbox {
@@ -747,6 +753,7 @@ impl Scheduler {
             })
             .await?;
         let destroy = self.reconcile_reported(&status, observed_at).await?;
+        crate::metrics::node_reported(&status);
         self.nodes
             .report(status)
             .map_err(|e| SchedulerError::InvalidField {
@@ -908,6 +915,7 @@ impl Scheduler {
             .await?;
         for id in self.nodes.silent().into_iter().chain(lost.iter().cloned()) {
             self.nodes.forget(&id);
+            crate::metrics::node_lost(&id);
         }
         for id in &lost {
             tracing::warn!(node = %id, "node lost: no heartbeat");
@@ -936,6 +944,13 @@ impl Scheduler {
                 tracing::warn!(sandbox = %id, error = %e, "retrying a delete");
             }
         }
+        Ok(())
+    }
+
+    /// Refreshes the series the reconcile loop keeps current (recorded sandboxes by
+    /// state): one count query, run only when metrics are exported.
+    pub async fn publish_metrics(&self) -> Result<(), SchedulerError> {
+        crate::metrics::sandboxes(&self.meta.count_sandboxes_by_state().await?);
         Ok(())
     }
 

@@ -6,7 +6,8 @@
 //! the schema migrations and resumes the warmups a previous run left unfinished.
 //!
 //! Configured by `nanobox.toml` (`--config`, with `NANOBOX__<SECTION>__<KEY>` overrides)
-//! like the other services. `Templates` calls need a bearer API key from `[api].api_keys`
+//! like the other services. With `[builder].metrics_addr` set it serves Prometheus
+//! metrics there (`/metrics`): gRPC calls, warmup durations and failures. `Templates` calls need a bearer API key from `[api].api_keys`
 //! when any is configured, the same keys the scheduler and the REST gateway accept.
 
 mod grpc;
@@ -25,11 +26,16 @@ use nanobox_store::MetadataStore;
 use nanobox_warmup::{Warmer, WarmupConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "nanobox-template-builder", version, about = "NanoBox template builder")]
+#[command(
+    name = "nanobox-template-builder",
+    version,
+    about = "NanoBox template builder"
+)]
 struct Args {
     /// The configuration file (`nanobox.toml`): `[builder]` (listen_addr, work_dir,
-    /// rootfs_headroom_mb), `[oci]` (init_binary, plain_http_registries, docker_config,
-    /// max_parallel), `[database]`, `[object_store]`, `[api]` (api_keys), `[telemetry]`.
+    /// rootfs_headroom_mb, metrics_addr), `[oci]` (init_binary, plain_http_registries,
+    /// docker_config, max_parallel), `[database]`, `[object_store]`, `[api]` (api_keys),
+    /// `[telemetry]`.
     /// Default: `$NANOBOX_CONFIG`, else `/etc/nanobox/nanobox.toml` if it exists, else the
     /// built-in defaults. Every key can be overridden by `NANOBOX__<SECTION>__<KEY>`
     /// variables.
@@ -54,6 +60,11 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let _telemetry = nanobox_telemetry::init("nanobox-template-builder", &config.telemetry)
         .context("setting up telemetry")?;
+    let metrics_endpoint =
+        nanobox_telemetry::metrics::serve(config.builder.metrics_addr, "nanobox-template-builder")
+            .await
+            .context("serving metrics ([builder].metrics_addr)")?;
+    nanobox_warmup::metrics::describe();
 
     let db: tokio_postgres::Config = config
         .database
@@ -120,10 +131,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {listen} ([builder].listen_addr)"))?;
     let local = listener.local_addr().context("reading the bound address")?;
     tracing::info!(address = %local, resumed, init = warmer.init_version(), "template-builder serving");
-    // A line for supervisors and tests that asked for port 0.
+    // Lines for supervisors and tests that asked for port 0.
     println!("listening on {local}");
+    if let Some(endpoint) = &metrics_endpoint {
+        println!("metrics on {}", endpoint.local_addr());
+    }
 
     tonic::transport::Server::builder()
+        .layer(nanobox_telemetry::grpc::GrpcServerLayer)
         .add_service(health_service)
         .add_service(
             nanobox_proto::reflection(&SERVED)
