@@ -78,7 +78,7 @@ pub struct StackOptions {
     /// The guest kernel and init; `None`: the services' defaults (the cache).
     pub kernel: Option<PathBuf>,
     pub init: Option<PathBuf>,
-    /// The node's capacity; `None`: the host's.
+    /// The node's capacity; `None`: the host's (memory), [`default_vcpus`] (vCPUs).
     pub vcpus: Option<u32>,
     pub memory_mb: Option<u64>,
     pub max_sandboxes: Option<u32>,
@@ -111,7 +111,7 @@ impl StackOptions {
             metrics_port: Some(DEFAULT_METRICS_PORT),
             kernel: None,
             init: None,
-            vcpus: None,
+            vcpus: Some(default_vcpus()),
             memory_mb: None,
             max_sandboxes: None,
             pools: Vec::new(),
@@ -123,6 +123,14 @@ impl StackOptions {
             verbose: false,
         }
     }
+}
+
+/// The node's vCPUs by default: four per core of this machine. A sandbox's vCPU is a
+/// thread that mostly waits, and on a small development machine a node offering only its
+/// cores would refuse the second two-vCPU sandbox of the Quick Start.
+pub fn default_vcpus() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    u32::try_from(cores.saturating_mul(4)).unwrap_or(u32::MAX)
 }
 
 /// The default data directory: `/var/lib/nanobox/up` for root (the stack needs root for
@@ -218,6 +226,14 @@ impl Stack {
     /// Takes the data directory (refusing when another `nanobox up` holds it) and removes
     /// what a killed earlier run of it left: services, VMMs, namespaces.
     pub async fn new(options: StackOptions) -> Result<Self, StackError> {
+        // Namespaces, bridges, cgroups and /dev/kvm: say so before anything is made.
+        if !nix::unistd::geteuid().is_root() {
+            return Err(StackError::Missing {
+                what: "root".into(),
+                hint: "nanobox up makes network namespaces and runs VMs: run it as root (sudo)"
+                    .into(),
+            });
+        }
         let data = options.data_dir.clone();
         std::fs::create_dir_all(&data)
             .map_err(|e| StackError::io("creating the data directory", &data, e))?;

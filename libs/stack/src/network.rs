@@ -193,7 +193,8 @@ fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
-fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
+/// The named namespaces (`/run/netns`) whose names start with `prefix` now, sorted.
+pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
         return Vec::new();
     };

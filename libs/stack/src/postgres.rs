@@ -34,13 +34,10 @@ impl Postgres {
     /// server's user can write). Finds the binaries: `$NANOBOX_PG_BIN`, else the newest
     /// `/usr/lib/postgresql/<version>/bin`.
     pub fn new(root: PathBuf) -> Result<Self, StackError> {
-        let bin = match std::env::var_os("NANOBOX_PG_BIN") {
-            Some(dir) => PathBuf::from(dir),
-            None => newest_install().ok_or_else(|| StackError::Missing {
-                what: "PostgreSQL (initdb, pg_ctl) under /usr/lib/postgresql/*/bin".into(),
-                hint: "install Debian's `postgresql` package (`cargo xtask setup` does) or set NANOBOX_PG_BIN".into(),
-            })?,
-        };
+        let bin = bin_dir().ok_or_else(|| StackError::Missing {
+            what: "PostgreSQL (initdb, pg_ctl) under /usr/lib/postgresql/*/bin".into(),
+            hint: "install Debian's `postgresql` package (`cargo xtask setup` does) or set NANOBOX_PG_BIN".into(),
+        })?;
         let is_root = nix::unistd::geteuid().is_root();
         let run_as = if is_root {
             let user = nix::unistd::User::from_name("postgres")
@@ -258,8 +255,12 @@ impl Postgres {
     }
 }
 
-/// The newest `/usr/lib/postgresql/<version>/bin` holding `initdb`.
-fn newest_install() -> Option<PathBuf> {
+/// The directory of the server binaries: `$NANOBOX_PG_BIN`, else the newest
+/// `/usr/lib/postgresql/<version>/bin` holding `initdb`.
+pub fn bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("NANOBOX_PG_BIN") {
+        return Some(PathBuf::from(dir));
+    }
     let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .ok()?
         .flatten()

@@ -21,8 +21,6 @@ pub const WAN_FAR: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 2);
 /// The name of the veth pair joining a host namespace to the internet (both ends).
 pub const WAN_IFACE: &str = "wan0";
 
-const NETNS_DIR: &str = "/run/netns";
-
 /// Namespaces under one unique prefix, all removed on drop.
 #[derive(Debug)]
 pub struct Netns {
@@ -70,16 +68,7 @@ impl Drop for Netns {
 
 /// The namespaces whose names start with `prefix` now, sorted.
 pub fn list(prefix: &str) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = entries
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with(prefix))
-        .collect();
-    names.sort();
-    names
+    nanobox_stack::network::namespaces_with_prefix(prefix)
 }
 
 /// Joins the namespace `host` to `far` by a veth pair named [`WAN_IFACE`] at both ends,

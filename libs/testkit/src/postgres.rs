@@ -25,23 +25,10 @@ pub struct Postgres {
     dir: tempfile::TempDir,
 }
 
-/// The directory holding `initdb` and `pg_ctl`, or a panic saying how to install them.
+/// The directory holding `initdb` and `pg_ctl` (found as `nanobox up` finds it), or a
+/// panic saying how to install them.
 pub fn pg_bin_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("NANOBOX_PG_BIN") {
-        return PathBuf::from(dir);
-    }
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").is_file().then_some((version, bin))
-        })
-        .collect();
-    found.sort();
-    found.pop().map(|(_, bin)| bin).unwrap_or_else(|| {
+    nanobox_stack::postgres::bin_dir().unwrap_or_else(|| {
         panic!(
             "PostgreSQL not found under /usr/lib/postgresql/*/bin: run `cargo xtask setup` \
              (Debian package `postgresql`) or set NANOBOX_PG_BIN"

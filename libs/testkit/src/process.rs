@@ -240,23 +240,11 @@ impl Drop for Process {
     }
 }
 
-/// Pids of the QEMU processes whose command line mentions `dir`: the VMMs of the node
-/// agent whose state directory it is (each VMM's run directory lies there).
+/// Pids of the VMM processes (QEMU, Firecracker) whose command line mentions `dir`: the
+/// VMMs of the node agent whose state directory it is (each VMM's run directory lies
+/// there).
 pub fn qemu_processes(dir: &Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                cmdline.contains(&needle) && cmdline.contains("qemu")
-            })
-        })
-        .collect()
+    nanobox_stack::leftovers::vmm_processes(dir)
 }
 
 /// Kills (SIGKILL) the QEMU processes of [`qemu_processes`]. VMs outlive a killed node

@@ -41,7 +41,7 @@ pub struct UpArgs {
     /// the template is READY.
     #[arg(long = "pool", value_name = "TEMPLATE=SIZE")]
     pools: Vec<String>,
-    /// vCPUs the node offers to sandboxes (default: this machine's).
+    /// vCPUs the node offers to sandboxes (default: four per core of this machine).
     #[arg(long)]
     vcpus: Option<u32>,
     /// Memory (MiB) the node offers to sandboxes (default: this machine's).
@@ -111,7 +111,9 @@ async fn up(args: UpArgs) -> Result<(), String> {
             .ok_or_else(|| format!("--pool {pool:?}: expected TEMPLATE=SIZE"))?;
         options.pools.push((name, size));
     }
-    options.vcpus = args.vcpus;
+    if args.vcpus.is_some() {
+        options.vcpus = args.vcpus;
+    }
     options.memory_mb = args.memory_mb;
     options.max_sandboxes = args.max_sandboxes;
     options.internet = args.internet;

@@ -278,6 +278,16 @@ fn assert_nothing_left(data: &Path) {
     assert!(!data.join("endpoints.env").exists());
 }
 
+/// What `args` prints run in the namespace `ns`.
+fn in_netns(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn push_node_image(registry: &Registry) -> String {
     registry.push(
         &debian_node_layout(),
@@ -596,14 +606,7 @@ fn internet_gives_sandboxes_a_nat_uplink_out_of_the_nodes_namespace_and_takes_it
         &["--internet", "--dns", &WAN_FAR.to_string()],
     );
     // The uplink's end in "world", named after the stack; the stack's host namespace.
-    let links = String::from_utf8(
-        Command::new("ip")
-            .args(["-n", &world, "-o", "link"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let links = in_netns(&world, &["ip", "-o", "link"]);
     assert!(links.contains("nbxup"), "{links}");
 
     // A template without a warmup: the test rootfs (busybox, with wget), published into
@@ -650,23 +653,9 @@ fn internet_gives_sandboxes_a_nat_uplink_out_of_the_nodes_namespace_and_takes_it
     assert!(status.success(), "{status}: {}", up.stderr.lock().unwrap());
     assert_nothing_left(data.path());
     // The uplink and its masquerade table went with the stack.
-    let links = String::from_utf8(
-        Command::new("ip")
-            .args(["-n", &world, "-o", "link"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let links = in_netns(&world, &["ip", "-o", "link"]);
     assert!(!links.contains("nbxup"), "{links}");
-    let tables = String::from_utf8(
-        Command::new("ip")
-            .args(["netns", "exec", &world, "nft", "list", "tables"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let tables = in_netns(&world, &["nft", "list", "tables"]);
     assert!(!tables.contains("nanobox_up"), "{tables}");
     let _ = server.kill();
     let _ = server.wait();

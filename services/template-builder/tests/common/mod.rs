@@ -113,8 +113,11 @@ impl Stack {
         std::fs::write(self.config_path(), config).unwrap();
         self.builder = Some(Process::spawn(
             "template-builder",
-            service_command(env!("CARGO_BIN_EXE_nanobox-template-builder"), &self.config_path())
-                .envs(self.extra_env.iter().map(|(k, v)| (k, v))),
+            service_command(
+                env!("CARGO_BIN_EXE_nanobox-template-builder"),
+                &self.config_path(),
+            )
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v))),
         ));
     }
 
