@@ -36,6 +36,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::compression::Compression;
+use crate::diff_id::sha256_digest as hex_digest;
 use crate::error::OciError;
 use crate::image::{OciLayout, Platform, ResolvedImage};
 use crate::registry::Reference;
@@ -336,15 +337,6 @@ fn digest_in_name(path: &str) -> Option<String> {
 
 fn is_sha256_hex(hex: &str) -> bool {
     hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-fn hex_digest(hasher: Sha256) -> String {
-    let hex: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256:{hex}")
 }
 
 fn layer_media_type(compression: Compression) -> &'static str {

@@ -5,6 +5,10 @@
 //! injected, ext4 built, scratch space cleaned up", with progress reported as it goes;
 //! this module is that sequence, so the two cannot drift apart.
 //!
+//! Every layer is verified as it is applied (blob digest and size, and the diff_id of
+//! its decompressed tar against the image config), so an image whose config does not
+//! describe its layers fails before any ext4 exists.
+//!
 //! The staging tree is scratch space that `mkfs.ext4 -d` copies and that is deleted
 //! right after, so by default it lives in memory (a tmpfs) when the image fits there
 //! comfortably: creating and deleting thousands of files on a disk file system costs
@@ -17,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::compression::Compression;
 use crate::error::OciError;
 use crate::image::{OciLayout, ResolvedImage};
 use crate::layer::{ApplyOptions, LayerApplier};
@@ -175,16 +178,12 @@ fn stage_and_build(
     std::fs::create_dir(root).map_err(|e| OciError::io("creating the staging root", root, e))?;
     let mut applier = LayerApplier::new(root, options.apply)?;
     let total = image.manifest.layers.len();
-    for (n, layer) in image.manifest.layers.iter().enumerate() {
-        let compression = Compression::from_media_type(&layer.media_type)?;
-        let blob = layout.open_blob(layer)?;
-        let verdict = blob.verdict();
-        let result = applier.apply(blob, compression);
-        // A digest or size mismatch is the real cause of whatever the stream did.
-        if let Some(err) = verdict.lock().ok().and_then(|mut v| v.take()) {
-            return Err(err);
-        }
-        result?;
+    for n in 0..total {
+        // Blob digest and size, and the diff_id of the decompressed tar, are checked as
+        // the layer streams; a mismatch fails here, before anything is built, and the
+        // caller removes the staging tree (`out` is only ever replaced by a finished
+        // image).
+        layout.apply_layer(image, n, &mut applier, &options.apply.limits)?;
         on_event(ConvertEvent::LayerApplied { done: n + 1, total });
     }
     on_event(ConvertEvent::Building);

@@ -99,6 +99,28 @@ pub enum OciError {
     /// An OCI image layout or one of its JSON documents is invalid.
     #[error("invalid OCI image layout: {0}")]
     InvalidLayout(String),
+    /// A layer decompressed to a tar whose digest is not the image config's
+    /// `rootfs.diff_ids` entry for it (the config describes other content).
+    #[error(
+        "layer {index} ({digest}) decompresses to {actual}, but the image config's \
+         rootfs.diff_ids[{index}] is {expected}"
+    )]
+    DiffIdMismatch {
+        /// The layer's position in the manifest, lowest first.
+        index: usize,
+        /// The layer blob's digest (as the manifest lists it).
+        digest: String,
+        /// The diff_id the image config lists.
+        expected: String,
+        /// The digest of the decompressed tar.
+        actual: String,
+    },
+    /// The image config lists a different number of `rootfs.diff_ids` than the manifest
+    /// lists layers.
+    #[error(
+        "the manifest lists {layers} layers but the image config lists {diff_ids} rootfs.diff_ids"
+    )]
+    DiffIdCount { layers: usize, diff_ids: usize },
     /// A docker archive (`docker save`, `skopeo copy ... docker-archive:`) cannot be
     /// imported as a whole: no `manifest.json`, no such image, too many entries, ...
     #[error("docker archive {}: {reason}", archive.display())]

@@ -4,6 +4,9 @@
 //! Every blob is checked against its descriptor: JSON documents before they are parsed,
 //! layers while they stream into the [`LayerApplier`] (so a mismatch is found at the end
 //! of the layer, after it was applied: callers discard the staging tree on any error).
+//! Each layer's decompressed tar is checked, in the same pass, against the config's
+//! `rootfs.diff_ids` entry for it ([`crate::diff_id`]), and a config listing more or
+//! fewer diff_ids than the manifest lists layers is refused when the image is resolved.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -15,8 +18,9 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::compression::Compression;
+use crate::diff_id::{DiffIdReader, Expected};
 use crate::error::OciError;
-use crate::layer::{LayerApplier, LayerStats};
+use crate::layer::{LayerApplier, LayerStats, Limits};
 
 const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -82,6 +86,14 @@ pub struct Manifest {
 struct ConfigFile {
     #[serde(default)]
     config: Option<RuntimeConfig>,
+    #[serde(default)]
+    rootfs: RootFs,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RootFs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,6 +120,9 @@ pub struct ResolvedImage {
     pub manifest: Manifest,
     /// The runtime config (Env, Entrypoint, Cmd, WorkingDir, User).
     pub config: ImageConfig,
+    /// The config's `rootfs.diff_ids`: one `sha256:<hex>` per manifest layer, the digest
+    /// of that layer's uncompressed tar.
+    pub diff_ids: Vec<String>,
 }
 
 /// An OCI image layout directory.
@@ -186,10 +201,27 @@ impl OciLayout {
             entrypoint: runtime.entrypoint.unwrap_or_default(),
             cmd: runtime.cmd.unwrap_or_default(),
         };
+        let diff_ids = config_file.rootfs.diff_ids;
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(OciError::DiffIdCount {
+                layers: manifest.layers.len(),
+                diff_ids: diff_ids.len(),
+            });
+        }
+        if let Some((i, bad)) = diff_ids
+            .iter()
+            .enumerate()
+            .find(|(_, d)| sha256_hex(d).is_err())
+        {
+            return Err(OciError::InvalidLayout(format!(
+                "image config: rootfs.diff_ids[{i}] = {bad:?} is not a sha256 digest"
+            )));
+        }
         Ok(ResolvedImage {
             descriptor,
             manifest,
             config,
+            diff_ids,
         })
     }
 
@@ -206,25 +238,64 @@ impl OciLayout {
         Ok(VerifiedBlob::new(file, descriptor))
     }
 
-    /// Applies the image's layers, in order, with `applier`.
+    /// Applies the image's layers, in order, with `applier`, each verified as in
+    /// [`Self::apply_layer`] with the default compression ratio cap.
     pub fn apply(
         &self,
         image: &ResolvedImage,
         applier: &mut LayerApplier,
     ) -> Result<Vec<LayerStats>, OciError> {
-        let mut stats = Vec::with_capacity(image.manifest.layers.len());
-        for layer in &image.manifest.layers {
-            let compression = Compression::from_media_type(&layer.media_type)?;
-            let blob = self.open_blob(layer)?;
-            let verdict = blob.verdict();
-            let result = applier.apply(blob, compression);
-            // A digest or size mismatch is the real cause of whatever the stream did.
-            if let Some(err) = take(&verdict) {
-                return Err(err);
-            }
-            stats.push(result?);
+        (0..image.manifest.layers.len())
+            .map(|index| self.apply_layer(image, index, applier, &Limits::default()))
+            .collect()
+    }
+
+    /// Applies layer `index` of the image with `applier`, checking its blob digest and
+    /// size and its diff_id as it streams. The layer is decompressed before it reaches
+    /// the applier (which so sees a plain tar), so the compression ratio cap of `limits`
+    /// (the applier's, for callers that set their own) is checked here.
+    ///
+    /// Every application hashes the decompressed tar again, cached blob or not: that
+    /// costs no extra pass (the hash runs on the stream being applied), and it means no
+    /// record of an earlier check has to be trusted. The blob digest alone would not be
+    /// enough to skip it: it ties the bytes to the manifest, not to the config's
+    /// diff_ids, and another image's config can pair the same blob with a wrong one.
+    pub(crate) fn apply_layer(
+        &self,
+        image: &ResolvedImage,
+        index: usize,
+        applier: &mut LayerApplier,
+        limits: &Limits,
+    ) -> Result<LayerStats, OciError> {
+        let layer = &image.manifest.layers[index];
+        let diff_id = image
+            .diff_ids
+            .get(index)
+            .ok_or(OciError::DiffIdCount {
+                layers: image.manifest.layers.len(),
+                diff_ids: image.diff_ids.len(),
+            })?
+            .clone();
+        let compression = Compression::from_media_type(&layer.media_type)?;
+        let blob = self.open_blob(layer)?;
+        let blob_verdict = blob.verdict();
+        let expected = Expected {
+            index,
+            digest: layer.digest.clone(),
+            diff_id,
+        };
+        let tar = DiffIdReader::new(blob, compression, limits, expected)?;
+        let tar_verdict = tar.verdict();
+        let result = applier.apply(tar, Compression::None);
+        // A digest or size mismatch is the real cause of whatever the stream did; then
+        // a diff_id mismatch (or a passed ratio cap) is.
+        if let Some(err) = take(&blob_verdict) {
+            return Err(err);
         }
-        Ok(stats)
+        if let Some(err) = take(&tar_verdict) {
+            return Err(err);
+        }
+        result
     }
 
     fn read_document(&self, descriptor: &Descriptor) -> Result<Vec<u8>, OciError> {

@@ -4,7 +4,8 @@
 //! ([`LayerApplier`]), exactly as `umoci unpack` would and without ever writing outside
 //! it, whatever the layers contain; the staging tree then becomes an auto-sized ext4
 //! image with the guest init and the image config injected ([`rootfs`]). Images on disk
-//! in the OCI layout are read, with every blob verified, by [`OciLayout`]; images in
+//! in the OCI layout are read, with every blob verified (and every layer's uncompressed
+//! tar checked against the config's `rootfs.diff_ids`), by [`OciLayout`]; images in
 //! registries are pulled into such a layout by [`RegistryClient`].
 
 #![forbid(unsafe_code)]
@@ -12,6 +13,7 @@
 pub mod archive;
 mod compression;
 mod convert;
+mod diff_id;
 mod error;
 pub mod image;
 pub mod layer;

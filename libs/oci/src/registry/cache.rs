@@ -206,7 +206,13 @@ impl RegistryClient {
             let bytes = serde_json::to_vec_pretty(&index)
                 .map_err(|e| OciError::InvalidLayout(format!("index.json: {e}")))?;
             write_atomic(&cache, &path, &bytes)?;
-            layout.resolve(Some(&ref_name), &platform)
+            let resolved = layout.resolve(Some(&ref_name), &platform);
+            if resolved.is_err() {
+                // An image that does not resolve (a config whose diff_ids do not match the
+                // manifest's layers, say) is not left listed as pulled.
+                write_atomic(&cache, &path, &data)?;
+            }
+            resolved
         })
         .await
         .map_err(|e| OciError::io("updating", &self.cache, std::io::Error::other(e)))?

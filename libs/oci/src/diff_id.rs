@@ -1,0 +1,229 @@
+//! Layer diff_ids: the digest of a layer's uncompressed tar, which the image config lists
+//! per layer in `rootfs.diff_ids`.
+//!
+//! The blob digest only says the bytes are the ones the manifest names; the diff_id is
+//! what the config (and so the image's identity, its chain ids) claims those bytes
+//! decompress to. [`DiffIdReader`] decompresses a layer blob and hashes the tar on the
+//! way to the [`LayerApplier`](crate::LayerApplier), in the same pass that applies it,
+//! and fails at the end of the stream when the digest is not the expected one.
+//!
+//! Decompressing here rather than in the applier is what lets the tar be hashed without
+//! a change to layer application: the applier gets a plain tar
+//! ([`Compression::None`]), and its decompression thread runs this reader, so the
+//! decompression and the hashing still overlap with applying entries. The compression
+//! ratio cap, which the applier can no longer see, is checked here.
+
+use std::io::{self, BufRead, BufReader, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::compression::Compression;
+use crate::error::{LimitKind, OciError};
+use crate::image::Verdict;
+use crate::layer::Limits;
+
+/// Compressed bytes read from the blob at a time.
+const BLOB_BUFFER: usize = 256 << 10;
+
+/// Which layer a stream is and the diff_id the config gives it.
+#[derive(Debug, Clone)]
+pub(crate) struct Expected {
+    /// The layer's position in the manifest.
+    pub index: usize,
+    /// The layer blob's digest.
+    pub digest: String,
+    /// `sha256:<hex>` from the config's `rootfs.diff_ids`.
+    pub diff_id: String,
+}
+
+/// Counts the compressed bytes read from the blob.
+struct Counted<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// A layer blob, decompressed, hashed as it is read; at its end it fails with an error
+/// (recorded in its verdict as [`OciError::DiffIdMismatch`]) unless the tar's digest is
+/// the expected diff_id.
+pub(crate) struct DiffIdReader {
+    inner: Box<dyn Read + Send>,
+    compressed: Arc<AtomicU64>,
+    compressed_input: bool,
+    produced: u64,
+    max_ratio: u64,
+    ratio_floor: u64,
+    hasher: Sha256,
+    expected: Expected,
+    verdict: Verdict,
+    done: bool,
+}
+
+impl DiffIdReader {
+    /// Wraps `blob` (compressed as `compression` says, or sniffed for
+    /// [`Compression::Auto`]), with the ratio cap of `limits`.
+    pub fn new<R: Read + Send + 'static>(
+        blob: R,
+        compression: Compression,
+        limits: &Limits,
+        expected: Expected,
+    ) -> Result<Self, OciError> {
+        let compressed = Arc::new(AtomicU64::new(0));
+        let mut buffered = BufReader::with_capacity(
+            BLOB_BUFFER,
+            Counted {
+                inner: blob,
+                count: compressed.clone(),
+            },
+        );
+        let corrupt = |source| OciError::Corrupt {
+            after: String::new(),
+            source,
+        };
+        let compression = match compression {
+            Compression::Auto => Compression::sniff(buffered.fill_buf().map_err(corrupt)?),
+            other => other,
+        };
+        let inner: Box<dyn Read + Send> = match compression {
+            Compression::Auto | Compression::None => Box::new(buffered),
+            Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+            Compression::Zstd => {
+                Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(corrupt)?)
+            }
+        };
+        Ok(Self {
+            inner,
+            compressed,
+            compressed_input: !matches!(compression, Compression::Auto | Compression::None),
+            produced: 0,
+            max_ratio: limits.max_compression_ratio,
+            ratio_floor: limits.ratio_floor,
+            hasher: Sha256::new(),
+            expected,
+            verdict: Verdict::default(),
+            done: false,
+        })
+    }
+
+    /// Where a mismatch or a passed cap is recorded (the `io::Error` the stream returns
+    /// reaches the caller only as the applier's "corrupt layer").
+    pub fn verdict(&self) -> Verdict {
+        self.verdict.clone()
+    }
+
+    fn fail(&self, err: OciError) -> io::Error {
+        let message = err.to_string();
+        if let Ok(mut verdict) = self.verdict.lock() {
+            *verdict = Some(err);
+        }
+        io::Error::new(io::ErrorKind::InvalidData, message)
+    }
+}
+
+impl Read for DiffIdReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.hasher.update(&buf[..n]);
+            self.produced += n as u64;
+            if self.compressed_input && self.produced > self.ratio_floor {
+                let ratio = self.produced / self.compressed.load(Ordering::Relaxed).max(1);
+                if ratio > self.max_ratio {
+                    return Err(self.fail(OciError::LimitExceeded {
+                        entry: String::new(),
+                        kind: LimitKind::CompressionRatio,
+                        value: ratio,
+                        limit: self.max_ratio,
+                    }));
+                }
+            }
+            return Ok(n);
+        }
+        self.done = true;
+        let actual = sha256_digest(std::mem::take(&mut self.hasher));
+        if actual != self.expected.diff_id {
+            return Err(self.fail(OciError::DiffIdMismatch {
+                index: self.expected.index,
+                digest: self.expected.digest.clone(),
+                expected: self.expected.diff_id.clone(),
+                actual,
+            }));
+        }
+        Ok(0)
+    }
+}
+
+/// `sha256:<hex>` of what `hasher` saw (docker archives are checked with it too).
+pub(crate) fn sha256_digest(hasher: Sha256) -> String {
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expected(data: &[u8]) -> Expected {
+        Expected {
+            index: 3,
+            digest: "sha256:blob".to_owned(),
+            diff_id: sha256_digest(Sha256::new_with_prefix(data)),
+        }
+    }
+
+    #[test]
+    fn the_right_tar_passes_and_a_wrong_one_fails_at_its_end_naming_the_layer() {
+        let tar = b"not really a tar, but bytes all the same".repeat(100);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &tar).unwrap();
+        let gz = gz.finish().unwrap();
+        for (blob, compression) in [
+            (tar.clone(), Compression::None),
+            (gz.clone(), Compression::Gzip),
+            (gz, Compression::Auto),
+        ] {
+            let limits = Limits::default();
+            let mut ok = DiffIdReader::new(
+                io::Cursor::new(blob.clone()),
+                compression,
+                &limits,
+                expected(&tar),
+            )
+            .unwrap();
+            let mut out = Vec::new();
+            ok.read_to_end(&mut out).unwrap();
+            assert_eq!(out, tar);
+            assert!(ok.verdict().lock().unwrap().is_none());
+
+            let mut bad = DiffIdReader::new(
+                io::Cursor::new(blob),
+                compression,
+                &limits,
+                expected(b"other"),
+            )
+            .unwrap();
+            assert!(bad.read_to_end(&mut Vec::new()).is_err());
+            let err = bad.verdict().lock().unwrap().take().unwrap();
+            assert!(
+                matches!(&err, OciError::DiffIdMismatch { index: 3, digest, .. } if digest == "sha256:blob"),
+                "{err}"
+            );
+        }
+    }
+}
