@@ -7,8 +7,12 @@
 //!
 //! Rules, as in the OCI image spec: `.wh.<name>` deletes `<name>` from lower layers,
 //! `.wh..wh..opq` empties its directory of lower-layer content, any other entry replaces
-//! what is at its path (a directory over a directory merges). Directory modes, owners and
-//! times are applied when the layer ends, so read-only directories can still be filled.
+//! what is at its path (a directory over a directory merges). Whiteouts and opaque
+//! markers never delete what their own layer adds, wherever they stand in the tar: a
+//! whiteout of a path this layer created (or holds entries under) only removes the
+//! lower content beneath it. A hardlink links whatever its target is (a symlink, a device
+//! node, a fifo), never what a symlink points to. Directory modes, owners and times are
+//! applied when the layer ends, so read-only directories can still be filled.
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
@@ -151,12 +155,31 @@ struct Meta {
 /// Per-layer state.
 #[derive(Debug, Default)]
 struct LayerState {
-    /// Every path created by this layer: an opaque marker keeps these.
+    /// Every path created by this layer and every directory above one (see
+    /// [`LayerState::record`]): whiteouts and opaque markers keep these.
     created: HashSet<PathBuf>,
     dirs: Vec<DeferredDir>,
     times: DirTimes,
     stats: LayerStats,
     stream: LimitHit,
+}
+
+impl LayerState {
+    /// Records a path this layer created, and the directories above it: a whiteout of
+    /// one of those (in this layer) must keep what the layer put beneath it.
+    fn record(&mut self, rel: &Path) {
+        if !self.created.insert(rel.to_owned()) {
+            return;
+        }
+        // Every recorded path has its ancestors recorded, so the walk stops at the first.
+        let mut up = rel.parent();
+        while let Some(dir) = up.filter(|d| !d.as_os_str().is_empty()) {
+            if !self.created.insert(dir.to_owned()) {
+                break;
+            }
+            up = dir.parent();
+        }
+    }
 }
 
 impl LayerApplier {
@@ -451,7 +474,7 @@ impl LayerApplier {
                 })
             }
         }
-        state.created.insert(rel);
+        state.record(&rel);
         Ok(())
     }
 
@@ -549,7 +572,7 @@ impl LayerApplier {
         // linkat(2) without AT_SYMLINK_FOLLOW: a symlink target is linked itself.
         fs::hard_link(self.root.abs(&target), self.root.abs(rel))
             .map_err(|e| apply_err(name, "creating a hardlink", e))?;
-        state.created.insert(rel.to_owned());
+        state.record(rel);
         Ok(())
     }
 
@@ -580,6 +603,15 @@ impl LayerApplier {
         }
         state.times.note(&self.root, &parent);
         let rel = parent.join(OsStr::from_bytes(target));
+        if state.created.contains(&rel) {
+            // This layer's own entry (whiteouts delete from lower layers only): what
+            // stays of the lower content is what lies beneath a directory.
+            if self.root.is_real_dir(&rel) {
+                state.times.note(&self.root, &rel);
+                self.clear_lower(&rel, name, &state.created)?;
+            }
+            return Ok(());
+        }
         self.root.clear_slot(&rel, false, name)?;
         Ok(())
     }

@@ -6,8 +6,13 @@
 //! them, one inode per distinct file) plus headroom for what the sandbox writes, so a
 //! 40 MB image does not become a 10 GB file. It is written under a temporary name and
 //! renamed into place, so a reader never sees half an image.
+//!
+//! `mkfs.ext4 -d` keeps the hard links of regular files, device nodes, fifos and sockets
+//! but copies every name of a hardlinked symlink as its own inode; the builder joins those
+//! names back into one inode afterwards with `debugfs` (`rm`, `ln`, `sif links_count`),
+//! so the image has the tree's link groups exactly.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -51,7 +56,8 @@ pub struct Ext4Options {
     pub journal: bool,
     /// Volume label.
     pub label: String,
-    /// The `mkfs.ext4` binary.
+    /// The `mkfs.ext4` binary (`debugfs`, needed for hardlinked symlinks, is taken from
+    /// the same directory, or from `PATH` when this is a bare name).
     pub mkfs: PathBuf,
 }
 
@@ -148,23 +154,35 @@ fn install(root: &StagingRoot, dest: &str, data: &mut dyn Read, mode: u32) -> Re
 
 /// Measures what `dir` needs in an ext4 file system with `block_size` blocks.
 pub fn measure(dir: &Path, block_size: u64) -> Result<TreeUsage, OciError> {
-    let mut usage = TreeUsage {
-        bytes: 0,
-        inodes: 0,
-    };
+    Ok(survey(dir, block_size)?.usage)
+}
+
+/// What a walk of the tree found.
+#[derive(Debug, Default)]
+struct Survey {
+    usage: TreeUsage,
+    /// The names (relative to the tree) of each hardlinked symlink, by inode.
+    symlink_links: HashMap<(u64, u64), Vec<PathBuf>>,
+    /// What mkfs needs beyond `usage` before those names are joined.
+    transient: TreeUsage,
+}
+
+fn survey(dir: &Path, block_size: u64) -> Result<Survey, OciError> {
+    let mut survey = Survey::default();
     let mut seen = HashSet::new();
-    measure_dir(dir, block_size, &mut usage, &mut seen)?;
-    Ok(usage)
+    measure_dir(dir, dir, block_size, &mut survey, &mut seen)?;
+    Ok(survey)
 }
 
 fn measure_dir(
+    base: &Path,
     dir: &Path,
     bs: u64,
-    usage: &mut TreeUsage,
+    survey: &mut Survey,
     seen: &mut HashSet<(u64, u64)>,
 ) -> Result<(), OciError> {
-    usage.inodes += 1;
-    usage.bytes += xattr_blocks(dir, bs);
+    survey.usage.inodes += 1;
+    survey.usage.bytes += xattr_blocks(dir, bs);
     // ".." and "." plus one record per child: 8 bytes of header and the name, 4-aligned.
     let mut dirent_bytes = 24;
     let listing = fs::read_dir(dir).map_err(|e| OciError::io("measuring", dir, e))?;
@@ -176,12 +194,26 @@ fn measure_dir(
         let cm = fs::symlink_metadata(&path).map_err(|e| OciError::io("measuring", &path, e))?;
         let ft = cm.file_type();
         if ft.is_dir() {
-            measure_dir(&path, bs, usage, seen)?;
+            measure_dir(base, &path, bs, survey, seen)?;
             continue;
+        }
+        if cm.nlink() > 1 && ft.is_symlink() {
+            let rel = path.strip_prefix(base).unwrap_or(&path).to_owned();
+            survey
+                .symlink_links
+                .entry((cm.dev(), cm.ino()))
+                .or_default()
+                .push(rel);
         }
         if cm.nlink() > 1 && !seen.insert((cm.dev(), cm.ino())) {
+            if ft.is_symlink() {
+                // mkfs makes this name its own inode until the join (see the module doc).
+                survey.transient.inodes += 1;
+                survey.transient.bytes += symlink_bytes(cm.size(), bs);
+            }
             continue;
         }
+        let usage = &mut survey.usage;
         usage.inodes += 1;
         usage.bytes += xattr_blocks(&path, bs);
         if ft.is_file() {
@@ -194,8 +226,8 @@ fn measure_dir(
                 0
             };
             usage.bytes += (blocks + tree) * bs;
-        } else if ft.is_symlink() && cm.size() > FAST_SYMLINK_MAX {
-            usage.bytes += bs;
+        } else if ft.is_symlink() {
+            usage.bytes += symlink_bytes(cm.size(), bs);
         }
     }
     let mut dir_blocks = dirent_bytes.div_ceil(bs).max(1);
@@ -203,8 +235,17 @@ fn measure_dir(
         // Hashed directories carry index blocks.
         dir_blocks += dir_blocks.div_ceil(500).max(1);
     }
-    usage.bytes += dir_blocks * bs;
+    survey.usage.bytes += dir_blocks * bs;
     Ok(())
+}
+
+/// Data bytes of a symlink with a target of `len` bytes.
+fn symlink_bytes(len: u64, bs: u64) -> u64 {
+    if len > FAST_SYMLINK_MAX {
+        bs
+    } else {
+        0
+    }
 }
 
 /// A block for xattrs that do not fit in the inode.
@@ -262,8 +303,16 @@ pub fn build_ext4(
     out: &Path,
     options: &Ext4Options,
 ) -> Result<Ext4Image, OciError> {
-    let usage = measure(staging, options.block_size)?;
-    let (size, inodes) = plan(usage, options);
+    let Survey {
+        usage,
+        symlink_links,
+        transient,
+    } = survey(staging, options.block_size)?;
+    let needed = TreeUsage {
+        bytes: usage.bytes + transient.bytes,
+        inodes: usage.inodes + transient.inodes,
+    };
+    let (size, inodes) = plan(needed, options);
     let dir = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -311,6 +360,7 @@ pub fn build_ext4(
             stderr: format!("{} ({})", tail.join("; "), output.status),
         });
     }
+    link_symlinks(tmp.path(), &symlink_links, &options.mkfs)?;
     tmp.as_file()
         .sync_all()
         .map_err(|e| OciError::io("syncing the image", tmp.path(), e))?;
@@ -323,6 +373,99 @@ pub fn build_ext4(
         inodes,
         usage,
     })
+}
+
+/// Joins the names of each hardlinked symlink, which `mkfs.ext4 -d` made separate inodes,
+/// into the inode of the first name: the others are removed (freeing their inodes and
+/// blocks) and linked again to it, and its link count is set.
+fn link_symlinks(
+    image: &Path,
+    groups: &HashMap<(u64, u64), Vec<PathBuf>>,
+    mkfs: &Path,
+) -> Result<(), OciError> {
+    let mut script = Vec::new();
+    let mut groups: Vec<&Vec<PathBuf>> = groups.values().filter(|g| g.len() > 1).collect();
+    if groups.is_empty() {
+        return Ok(());
+    }
+    groups.sort();
+    for names in groups {
+        let Some(quoted) = names
+            .iter()
+            .map(|n| debugfs_quote(n))
+            .collect::<Option<Vec<Vec<u8>>>>()
+        else {
+            // debugfs reads one command a line: such a name cannot be given to it.
+            tracing::warn!(names = ?names, "a hardlinked symlink with a line break in a name stays one inode per name");
+            continue;
+        };
+        let [first, rest @ ..] = &quoted[..] else {
+            continue;
+        };
+        for other in rest {
+            for part in [&b"rm "[..], other, b"\nln ", first, b" ", other, b"\n"] {
+                script.extend_from_slice(part);
+            }
+        }
+        for part in [&b"sif "[..], first, b" links_count "] {
+            script.extend_from_slice(part);
+        }
+        script.extend_from_slice(format!("{}\n", names.len()).as_bytes());
+    }
+    if script.is_empty() {
+        return Ok(());
+    }
+    // debugfs comes with mkfs.ext4 (e2fsprogs): look for it beside it.
+    let debugfs = match mkfs.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => dir.join("debugfs"),
+        None => PathBuf::from("debugfs"),
+    };
+    let mut cmds = tempfile::NamedTempFile::new()
+        .map_err(|e| OciError::io("writing a debugfs script", image, e))?;
+    io::Write::write_all(&mut cmds, &script)
+        .map_err(|e| OciError::io("writing a debugfs script", cmds.path(), e))?;
+    let output = Command::new(&debugfs)
+        .arg("-w")
+        .arg("-f")
+        .arg(cmds.path())
+        .arg(image)
+        .output()
+        .map_err(|e| OciError::io("running debugfs", &debugfs, e))?;
+    // debugfs reports a failed command on stderr only (its status stays 0); the banner
+    // is its one expected line there.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("debugfs "))
+        .take(5)
+        .collect();
+    if !output.status.success() || !errors.is_empty() {
+        return Err(OciError::Tool {
+            tool: "debugfs",
+            stderr: format!("{} ({})", errors.join("; "), output.status),
+        });
+    }
+    Ok(())
+}
+
+/// A path as one debugfs argument: absolute, in double quotes (a quote doubled), or `None`
+/// for a name debugfs cannot read (a line break ends its command).
+fn debugfs_quote(rel: &Path) -> Option<Vec<u8>> {
+    let bytes = rel.as_os_str().as_bytes();
+    if bytes.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        return None;
+    }
+    // Bytes, not text: debugfs passes them through, so a non-UTF-8 name stays exact.
+    let mut out = Vec::with_capacity(bytes.len() + 4);
+    out.extend_from_slice(b"\"/");
+    for &b in bytes {
+        if b == b'"' {
+            out.push(b'"');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+    Some(out)
 }
 
 /// [`inject`] then [`build_ext4`], on a blocking thread.
