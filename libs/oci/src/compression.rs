@@ -102,10 +102,10 @@ const PIPELINE_CHUNKS: usize = 4;
 /// Compressed bytes read from the blob at a time.
 const BLOB_BUFFER: usize = 256 << 10;
 
-/// Counts the compressed bytes read from the blob.
-struct Counted<R> {
-    inner: R,
-    count: Arc<AtomicU64>,
+/// Counts the compressed bytes read from the blob (also the diff_id reader's).
+pub(crate) struct Counted<R> {
+    pub(crate) inner: R,
+    pub(crate) count: Arc<AtomicU64>,
 }
 
 impl<R: Read> Read for Counted<R> {

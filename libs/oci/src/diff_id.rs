@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::compression::Compression;
+use crate::compression::{Compression, Counted};
 use crate::error::{LimitKind, OciError};
 use crate::image::Verdict;
 use crate::layer::Limits;
@@ -36,20 +36,6 @@ pub(crate) struct Expected {
     pub digest: String,
     /// `sha256:<hex>` from the config's `rootfs.diff_ids`.
     pub diff_id: String,
-}
-
-/// Counts the compressed bytes read from the blob.
-struct Counted<R> {
-    inner: R,
-    count: Arc<AtomicU64>,
-}
-
-impl<R: Read> Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
 }
 
 /// A layer blob, decompressed, hashed as it is read; at its end it fails with an error

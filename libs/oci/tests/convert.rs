@@ -6,36 +6,10 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use common::{snapshot, test_image, write_oci_layout, Sandbox};
+use common::{debugfs, fsck, snapshot, test_image, write_oci_layout, Sandbox};
 use nanobox_oci::{convert, ConvertEvent, ConvertOptions, OciLayout, Platform, Staging};
-
-fn fsck(image: &Path) {
-    let out = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn debugfs(image: &Path, request: &str) -> String {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(request)
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "debugfs {request}");
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// Names in `dir` that look like leftovers of a conversion.
 fn leftovers(dir: &Path) -> Vec<String> {

@@ -13,9 +13,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::{Layer, Sandbox};
+use common::{debugfs, fsck, Layer, Sandbox};
 use nanobox_oci::{build_ext4, ApplyOptions, Compression, Ext4Options, LayerApplier};
 use tar::EntryType;
 
@@ -62,31 +61,6 @@ fn image_of(sb: &Sandbox, place: Place, name: &str, layers: Vec<Vec<u8>>) -> Pat
     build_ext4(&root, &out, &tight()).unwrap();
     fsck(&out);
     out
-}
-
-fn fsck(image: &Path) {
-    let out = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn debugfs(image: &Path, request: &str) -> String {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(request)
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "debugfs {request}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// One inode as `debugfs stat` shows it.

@@ -8,35 +8,10 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Layer, Sandbox};
+use common::{debugfs, fsck, Layer, Sandbox};
 use nanobox_core::ImageConfig;
 use nanobox_oci::{build_ext4, build_rootfs, inject, rootfs, Ext4Options, OciError};
 use tar::EntryType;
-
-fn fsck(image: &Path) {
-    let out = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn debugfs(image: &Path, request: &str) -> String {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(request)
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "debugfs {request}");
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn config() -> ImageConfig {
     ImageConfig {

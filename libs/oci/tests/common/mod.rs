@@ -14,6 +14,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use nanobox_oci::{ApplyOptions, Compression, LayerApplier, OciError};
 use tar::EntryType;
@@ -511,4 +512,32 @@ pub fn test_image() -> Vec<LayerBlob> {
         LayerBlob::plain(middle),
         LayerBlob::gzip(top),
     ]
+}
+
+/// `e2fsck -fn` finds nothing wrong with the ext4 `image`.
+pub fn fsck(image: &Path) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What `debugfs -R <request>` prints about the ext4 `image` (names need not be UTF-8:
+/// the output is read lossily).
+pub fn debugfs(image: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "debugfs {request}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
