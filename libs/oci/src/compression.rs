@@ -102,10 +102,10 @@ const PIPELINE_CHUNKS: usize = 4;
 /// Compressed bytes read from the blob at a time.
 const BLOB_BUFFER: usize = 256 << 10;
 
-/// Counts the compressed bytes read from the blob (also the diff_id reader's).
-pub(crate) struct Counted<R> {
-    pub(crate) inner: R,
-    pub(crate) count: Arc<AtomicU64>,
+/// Counts the compressed bytes read from the blob.
+struct Counted<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
 }
 
 impl<R: Read> Read for Counted<R> {
@@ -276,13 +276,20 @@ impl Read for Capped {
     }
 }
 
-/// Wraps a blob in the right decoder (on its own thread) and the caps.
-pub(crate) fn decoder<R: Read + Send + 'static>(
+/// A blob decompressed as `compression` says (sniffed for [`Compression::Auto`]), with the
+/// count of compressed bytes read so far and whether the blob was compressed at all.
+pub(crate) struct Decompressed {
+    pub(crate) reader: Box<dyn Read + Send>,
+    pub(crate) compressed: Arc<AtomicU64>,
+    pub(crate) compressed_input: bool,
+}
+
+/// Opens the decoder of a blob: the one place that picks it, for the layer applier's
+/// capped stream and the diff_id reader alike.
+pub(crate) fn decompress<R: Read + Send + 'static>(
     blob: R,
     compression: Compression,
-    caps: StreamCaps,
-    hit: LimitHit,
-) -> io::Result<Capped> {
+) -> io::Result<Decompressed> {
     let compressed = Arc::new(AtomicU64::new(0));
     let mut buffered = BufReader::with_capacity(
         BLOB_BUFFER,
@@ -295,18 +302,33 @@ pub(crate) fn decoder<R: Read + Send + 'static>(
         Compression::Auto => Compression::sniff(buffered.fill_buf()?),
         other => other,
     };
-    let decoded: Box<dyn Read + Send> = match compression {
+    let reader: Box<dyn Read + Send> = match compression {
         Compression::Auto | Compression::None => Box::new(buffered),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
     };
-    let inner = Box::new(Pipelined::spawn(decoded)?);
+    Ok(Decompressed {
+        reader,
+        compressed,
+        compressed_input: !matches!(compression, Compression::Auto | Compression::None),
+    })
+}
+
+/// Wraps a blob in the right decoder (on its own thread) and the caps.
+pub(crate) fn decoder<R: Read + Send + 'static>(
+    blob: R,
+    compression: Compression,
+    caps: StreamCaps,
+    hit: LimitHit,
+) -> io::Result<Capped> {
+    let decoded = decompress(blob, compression)?;
+    let inner = Box::new(Pipelined::spawn(decoded.reader)?);
     Ok(Capped {
         inner,
-        compressed,
+        compressed: decoded.compressed,
         out: 0,
         caps,
-        compressed_input: !matches!(compression, Compression::Auto | Compression::None),
+        compressed_input: decoded.compressed_input,
         hit,
     })
 }

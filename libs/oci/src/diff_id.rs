@@ -13,19 +13,16 @@
 //! decompression and the hashing still overlap with applying entries. The compression
 //! ratio cap, which the applier can no longer see, is checked here.
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::compression::{Compression, Counted};
+use crate::compression::{decompress, Compression};
 use crate::error::{LimitKind, OciError};
 use crate::image::Verdict;
 use crate::layer::Limits;
-
-/// Compressed bytes read from the blob at a time.
-const BLOB_BUFFER: usize = 256 << 10;
 
 /// Which layer a stream is and the diff_id the config gives it.
 #[derive(Debug, Clone)]
@@ -63,33 +60,14 @@ impl DiffIdReader {
         limits: &Limits,
         expected: Expected,
     ) -> Result<Self, OciError> {
-        let compressed = Arc::new(AtomicU64::new(0));
-        let mut buffered = BufReader::with_capacity(
-            BLOB_BUFFER,
-            Counted {
-                inner: blob,
-                count: compressed.clone(),
-            },
-        );
-        let corrupt = |source| OciError::Corrupt {
+        let decoded = decompress(blob, compression).map_err(|source| OciError::Corrupt {
             after: String::new(),
             source,
-        };
-        let compression = match compression {
-            Compression::Auto => Compression::sniff(buffered.fill_buf().map_err(corrupt)?),
-            other => other,
-        };
-        let inner: Box<dyn Read + Send> = match compression {
-            Compression::Auto | Compression::None => Box::new(buffered),
-            Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
-            Compression::Zstd => {
-                Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(corrupt)?)
-            }
-        };
+        })?;
         Ok(Self {
-            inner,
-            compressed,
-            compressed_input: !matches!(compression, Compression::Auto | Compression::None),
+            inner: decoded.reader,
+            compressed: decoded.compressed,
+            compressed_input: decoded.compressed_input,
             produced: 0,
             max_ratio: limits.max_compression_ratio,
             ratio_floor: limits.ratio_floor,

@@ -81,15 +81,11 @@ impl StackConfig<'_> {
         let _ = write!(
             s,
             "[agent]\nnode_id = {node}\nlisten_addr = {agent}\nscheduler_addr = {grpc}\n\
-             state_dir = {state}\nrootfs_dir = {rootfs}\nsnapshot_dir = {snapshots}\n\
-             template_cache_dir = {templates}\n{m3}",
+             state_dir = {state}\n{m3}",
             node = q(self.node_id),
             agent = loopback(self.agent_port),
             grpc = loopback(self.grpc_port),
             state = dir("agent"),
-            rootfs = dir("agent/rootfs"),
-            snapshots = dir("agent/snapshots"),
-            templates = dir("agent/templates"),
             m3 = metrics(3),
         );
         if let Some(v) = self.vcpus {
@@ -119,14 +115,16 @@ impl StackConfig<'_> {
         let registries: Vec<String> = self.plain_http_registries.iter().map(q).collect();
         let _ = write!(
             s,
-            "\n[oci]\ncache_dir = {cache}\ninit_binary = {init}\nplain_http_registries = [{regs}]\n\n\
+            "\n[oci]\ninit_binary = {init}\nplain_http_registries = [{regs}]\n\n\
              [database]\nurl = {db}\n\n[object_store]\nlocation = {objects}\n\n\
              [auth]\nservice_token_file = {token}\n",
-            cache = dir("builder/oci"),
             init = p(self.init),
             regs = registries.join(", "),
             db = q(self.database_url),
-            objects = q(format!("file://{}", self.data_dir.join("objects").display())),
+            objects = q(format!(
+                "file://{}",
+                self.data_dir.join("objects").display()
+            )),
             token = p(self.service_token_file),
         );
         if let Some(endpoint) = self.otlp_endpoint {

@@ -259,8 +259,6 @@ impl Stack {
         }
         let _ = std::fs::remove_file(layout.endpoints());
         let network = NodeNetwork::new(&data, options.internet);
-        // Both forms of an earlier run's network: with and without an uplink.
-        NodeNetwork::new(&data, !options.internet).remove().await?;
         network.remove().await?;
         let postgres = Postgres::new(data.join("pg"))?;
         Ok(Self {

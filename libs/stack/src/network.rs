@@ -27,8 +27,11 @@ const NETNS_DIR: &str = "/run/netns";
 pub struct NodeNetwork {
     /// Prefix of every namespace of this stack (`nbxup-<tag>-`).
     prefix: String,
-    /// The uplink to this machine's namespace, with `--internet`.
-    uplink: Option<Uplink>,
+    /// The names and addresses of the uplink to this machine's namespace: made with
+    /// `--internet`, removed whatever the mode (an earlier run may have had one).
+    uplink: Uplink,
+    /// Whether [`NodeNetwork::create`] makes the uplink.
+    internet: bool,
 }
 
 /// The veth pair and masquerade table of `--internet`.
@@ -51,15 +54,16 @@ impl NodeNetwork {
         // Two bytes of the tag pick the /30 inside 100.127.0.0/16.
         let third = (tag >> 8) as u8;
         let fourth = (tag as u8) & 0xfc;
-        let uplink = internet.then(|| Uplink {
+        let uplink = Uplink {
             root_link: format!("nbxup{tag:06x}"),
             root_addr: Ipv4Addr::new(100, 127, third, fourth + 1),
             host_addr: Ipv4Addr::new(100, 127, third, fourth + 2),
             table: format!("nanobox_up_{tag:06x}"),
-        });
+        };
         Self {
             prefix: format!("nbxup-{tag:06x}-"),
             uplink,
+            internet,
         }
     }
 
@@ -76,18 +80,18 @@ impl NodeNetwork {
 
     /// Whether sandboxes in internet mode can reach anything.
     pub fn has_uplink(&self) -> bool {
-        self.uplink.is_some()
+        self.internet
     }
 
-    /// Creates the host namespace and its host interface (and the uplink), after removing
-    /// whatever an earlier run of this stack left.
+    /// Creates the host namespace and its host interface (and the uplink). What an
+    /// earlier run of this stack left must have been removed first ([`NodeNetwork::remove`]).
     pub async fn create(&self) -> Result<(), StackError> {
-        self.remove().await?;
         let host = self.host_netns();
         ip(&["netns", "add", &host]).await?;
         ip(&["-n", &host, "link", "set", "lo", "up"]).await?;
-        match &self.uplink {
-            None => {
+        let up = &self.uplink;
+        match self.internet {
+            false => {
                 // A host interface whose peer stays in the namespace: the agent has its
                 // NAT target, and nothing leaves.
                 ip(&[
@@ -96,7 +100,7 @@ impl NodeNetwork {
                 .await?;
                 ip(&["-n", &host, "link", "set", HOST_IFACE, "up"]).await?;
             }
-            Some(up) => {
+            true => {
                 ip(&[
                     "link",
                     "add",
@@ -150,8 +154,8 @@ impl NodeNetwork {
     }
 
     /// Removes every namespace of this stack (the host one and any sandbox one an agent
-    /// left), and the uplink. Idempotent; the first failure is returned after every step
-    /// was tried.
+    /// left), and the uplink if there is one, with or without `--internet` now.
+    /// Idempotent; the first failure is returned after every step was tried.
     pub async fn remove(&self) -> Result<(), StackError> {
         let mut first_error = None;
         for name in namespaces_with_prefix(&self.prefix) {
@@ -159,21 +163,19 @@ impl NodeNetwork {
                 first_error.get_or_insert(e);
             }
         }
-        if let Some(up) = &self.uplink {
-            // Gone with the namespace when the peer was in it; else removed here.
-            if link_exists(&up.root_link) {
-                if let Err(e) = ip(&["link", "del", &up.root_link]).await {
-                    first_error.get_or_insert(e);
-                }
+        let up = &self.uplink;
+        // Gone with the namespace when the peer was in it; else removed here.
+        if link_exists(&up.root_link) {
+            if let Err(e) = ip(&["link", "del", &up.root_link]).await {
+                first_error.get_or_insert(e);
             }
-            if tool::run("nft", &["list", "table", "ip", &up.table], QUICK)
-                .await
-                .is_ok()
-            {
-                if let Err(e) = tool::run("nft", &["delete", "table", "ip", &up.table], QUICK).await
-                {
-                    first_error.get_or_insert(e);
-                }
+        }
+        if tool::run("nft", &["list", "table", "ip", &up.table], QUICK)
+            .await
+            .is_ok()
+        {
+            if let Err(e) = tool::run("nft", &["delete", "table", "ip", &up.table], QUICK).await {
+                first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -230,7 +232,7 @@ mod tests {
         assert!(a.sandbox_prefix().starts_with(&a.prefix));
         // The agent refuses a host namespace under its own sandbox prefix.
         assert!(!a.host_netns().starts_with(&a.sandbox_prefix()));
-        let up = a.uplink.as_ref().unwrap();
+        let up = &a.uplink;
         assert!(up.root_link.len() <= 15, "{}", up.root_link);
         assert!(a.sandbox_prefix().len() <= 32);
         // The /30 is inside 100.64.0.0/10, and the two ends are its two hosts.

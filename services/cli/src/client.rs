@@ -183,8 +183,8 @@ impl Client {
     }
 }
 
-/// Reads a body, refusing more than `limit` bytes.
-async fn read_bounded(
+/// Reads a body, keeping at most `limit` bytes (the rest is not read).
+pub async fn read_bounded(
     mut response: reqwest::Response,
     limit: usize,
 ) -> Result<Vec<u8>, reqwest::Error> {

@@ -7,7 +7,7 @@ use std::io::{IsTerminal as _, Read as _, Write as _};
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
-use crate::client::{api_error, segment, ApiArgs, CliError, Client};
+use crate::client::{api_error, read_bounded, segment, ApiArgs, CliError, Client};
 use crate::vm_run::{EXIT_NANOBOX_ERROR, EXIT_TIMED_OUT};
 
 /// The longest NDJSON line accepted: an event carries at most 1 MiB of output, base64
@@ -103,8 +103,8 @@ async fn exec(args: ExecArgs, api: &ApiArgs) -> Result<i32, CliError> {
         .map_err(|e| client.transport_error(&e))?;
     let status = response.status();
     if !status.is_success() {
-        let body = response.bytes().await.unwrap_or_default();
-        return Err(api_error(status, &body[..body.len().min(64 << 10)]));
+        let body = read_bounded(response, 64 << 10).await.unwrap_or_default();
+        return Err(api_error(status, &body));
     }
     let mut pending: Vec<u8> = Vec::new();
     loop {

@@ -10,6 +10,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::{reference, PullProgress, RegistryClient, RegistryError, Repo, Target, REF_NAME};
+use crate::diff_id::sha256_digest as hex_digest;
 use crate::error::OciError;
 use crate::image::{Descriptor, ResolvedImage};
 
@@ -232,15 +233,6 @@ impl RegistryClient {
                 reason: e.to_string(),
             })
     }
-}
-
-pub(super) fn hex_digest(hasher: Sha256) -> String {
-    let hex: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256:{hex}")
 }
 
 pub(super) fn sha256_digest(bytes: &[u8]) -> String {
