@@ -1,7 +1,10 @@
 //! Layer compression: media types, magic sniffing, and decompression with size caps.
 //!
-//! The caps live here, on the decompressed stream, because a few kilobytes of zstd can
-//! expand to terabytes before a single tar header looks suspicious.
+//! The stream budgets live here, on the decompressed stream, because a few kilobytes of
+//! zstd can expand to terabytes before a single tar header looks suspicious. They are
+//! absolute (decompressed bytes of all the image's layers, and time), never a
+//! compression ratio: a ratio says how well data compresses, not what it costs, and
+//! legal layers holding large zero-filled files compress a thousandfold.
 //!
 //! Reading, hashing and decompressing a blob run on a thread of their own, a few chunks
 //! ahead of the tar reader: decompression is the largest CPU cost of applying a layer,
@@ -12,10 +15,9 @@
 use std::cell::Cell;
 use std::io::{self, BufRead, BufReader, Read};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::error::{LimitKind, OciError};
 
@@ -67,32 +69,25 @@ impl Compression {
     }
 }
 
-/// How a capped stream is doing, shared between the stream and the code that reads it.
+/// Which budget stopped a capped stream (shared between the stream and the code that
+/// reads it, which turns the stream's `io::Error` back into the budget it was).
 #[derive(Debug, Default)]
 pub(crate) struct StreamState {
-    /// The cap that stopped the stream.
     pub hit: Cell<Option<(LimitKind, u64, u64)>>,
-    /// The decompressor reached the clean end of its input.
-    pub clean_eof: Cell<bool>,
-    /// The reader is copying an entry's file data (everything else is tar metadata:
-    /// headers, PAX records, GNU long names, padding), which the tar crate buffers whole.
-    pub in_data: Cell<bool>,
-    /// Metadata bytes read since the last entry was handed out.
-    pub meta_run: Cell<u64>,
 }
 
 pub(crate) type LimitHit = Rc<StreamState>;
 
-/// Caps on one decompressed layer stream.
+/// Budgets of one decompressed layer stream, in terms of the whole image.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StreamCaps {
-    pub max_bytes: u64,
-    pub max_ratio: u64,
-    /// Below this many decompressed bytes the ratio is not checked (tiny layers of
-    /// zeros compress absurdly well and are harmless).
-    pub ratio_floor: u64,
-    /// Metadata bytes allowed between two entries.
-    pub max_meta: u64,
+    /// Decompressed bytes of the layers before this one.
+    pub base: u64,
+    /// Decompressed bytes of all layers together.
+    pub max_total: u64,
+    /// When the conversion started, and how long it may take.
+    pub started: Instant,
+    pub max_duration: Duration,
 }
 
 /// Decompressed bytes per chunk handed from the decompression thread to the reader.
@@ -101,20 +96,6 @@ const PIPELINE_CHUNK: usize = 1 << 20;
 const PIPELINE_CHUNKS: usize = 4;
 /// Compressed bytes read from the blob at a time.
 const BLOB_BUFFER: usize = 256 << 10;
-
-/// Counts the compressed bytes read from the blob.
-struct Counted<R> {
-    inner: R,
-    count: Arc<AtomicU64>,
-}
-
-impl<R: Read> Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-}
 
 /// The reading end of the decompression thread: chunks in order, then the end (an empty
 /// chunk) or the error that stopped the thread.
@@ -221,13 +202,11 @@ impl Drop for Pipelined {
     }
 }
 
-/// The decompressed stream, failing once it passes a cap.
+/// The decompressed stream, failing once it passes a budget.
 pub(crate) struct Capped {
     inner: Box<dyn Read>,
-    compressed: Arc<AtomicU64>,
     out: u64,
     caps: StreamCaps,
-    compressed_input: bool,
     hit: LimitHit,
 }
 
@@ -241,47 +220,38 @@ impl Capped {
 impl Read for Capped {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.hit.hit.get().is_some() {
-            return Err(io::Error::other("layer stream limit exceeded"));
+            return Err(io::Error::other("layer stream budget exceeded"));
         }
         let n = self.inner.read(buf)?;
-        if n == 0 && !buf.is_empty() {
-            self.hit.clean_eof.set(true);
-        }
         self.out += n as u64;
-        if !self.hit.in_data.get() {
-            self.hit.meta_run.set(self.hit.meta_run.get() + n as u64);
-        }
-        let meta_run = self.hit.meta_run.get();
-        let exceeded = if self.out > self.caps.max_bytes {
-            Some((LimitKind::LayerSize, self.out, self.caps.max_bytes))
-        } else if meta_run > self.caps.max_meta {
-            Some((LimitKind::HeaderSize, meta_run, self.caps.max_meta))
-        } else if self.compressed_input && self.out > self.caps.ratio_floor {
-            // The thread may have read ahead of what was handed out: the ratio is measured
-            // low by at most the pipeline's few chunks, far below any cap that matters.
-            let ratio = self.out / self.compressed.load(Ordering::Relaxed).max(1);
-            (ratio > self.caps.max_ratio).then_some((
-                LimitKind::CompressionRatio,
-                ratio,
-                self.caps.max_ratio,
+        let total = self.caps.base.saturating_add(self.out);
+        let elapsed = self.caps.started.elapsed();
+        let exceeded = if total > self.caps.max_total {
+            Some((LimitKind::StreamSize, total, self.caps.max_total))
+        } else if elapsed > self.caps.max_duration {
+            Some((
+                LimitKind::Duration,
+                millis(elapsed),
+                millis(self.caps.max_duration),
             ))
         } else {
             None
         };
         if let Some(hit) = exceeded {
             self.hit.hit.set(Some(hit));
-            return Err(io::Error::other("layer stream limit exceeded"));
+            return Err(io::Error::other("layer stream budget exceeded"));
         }
         Ok(n)
     }
 }
 
-/// A blob decompressed as `compression` says (sniffed for [`Compression::Auto`]), with the
-/// count of compressed bytes read so far and whether the blob was compressed at all.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A blob decompressed as `compression` says (sniffed for [`Compression::Auto`]).
 pub(crate) struct Decompressed {
     pub(crate) reader: Box<dyn Read + Send>,
-    pub(crate) compressed: Arc<AtomicU64>,
-    pub(crate) compressed_input: bool,
 }
 
 /// Opens the decoder of a blob: the one place that picks it, for the layer applier's
@@ -290,14 +260,7 @@ pub(crate) fn decompress<R: Read + Send + 'static>(
     blob: R,
     compression: Compression,
 ) -> io::Result<Decompressed> {
-    let compressed = Arc::new(AtomicU64::new(0));
-    let mut buffered = BufReader::with_capacity(
-        BLOB_BUFFER,
-        Counted {
-            inner: blob,
-            count: compressed.clone(),
-        },
-    );
+    let mut buffered = BufReader::with_capacity(BLOB_BUFFER, blob);
     let compression = match compression {
         Compression::Auto => Compression::sniff(buffered.fill_buf()?),
         other => other,
@@ -307,11 +270,7 @@ pub(crate) fn decompress<R: Read + Send + 'static>(
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
     };
-    Ok(Decompressed {
-        reader,
-        compressed,
-        compressed_input: !matches!(compression, Compression::Auto | Compression::None),
-    })
+    Ok(Decompressed { reader })
 }
 
 /// Wraps a blob in the right decoder (on its own thread) and the caps.
@@ -325,10 +284,8 @@ pub(crate) fn decoder<R: Read + Send + 'static>(
     let inner = Box::new(Pipelined::spawn(decoded.reader)?);
     Ok(Capped {
         inner,
-        compressed: decoded.compressed,
         out: 0,
         caps,
-        compressed_input: decoded.compressed_input,
         hit,
     })
 }

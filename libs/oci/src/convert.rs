@@ -183,7 +183,7 @@ fn stage_and_build(
         // the layer streams; a mismatch fails here, before anything is built, and the
         // caller removes the staging tree (`out` is only ever replaced by a finished
         // image).
-        layout.apply_layer(image, n, &mut applier, &options.apply.limits)?;
+        layout.apply_layer(image, n, &mut applier)?;
         on_event(ConvertEvent::LayerApplied { done: n + 1, total });
     }
     on_event(ConvertEvent::Building);

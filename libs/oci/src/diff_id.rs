@@ -10,19 +10,15 @@
 //! Decompressing here rather than in the applier is what lets the tar be hashed without
 //! a change to layer application: the applier gets a plain tar
 //! ([`Compression::None`]), and its decompression thread runs this reader, so the
-//! decompression and the hashing still overlap with applying entries. The compression
-//! ratio cap, which the applier can no longer see, is checked here.
+//! decompression and the hashing still overlap with applying entries.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
 use crate::compression::{decompress, Compression};
-use crate::error::{LimitKind, OciError};
+use crate::error::OciError;
 use crate::image::Verdict;
-use crate::layer::Limits;
 
 /// Which layer a stream is and the diff_id the config gives it.
 #[derive(Debug, Clone)]
@@ -40,11 +36,6 @@ pub(crate) struct Expected {
 /// the expected diff_id.
 pub(crate) struct DiffIdReader {
     inner: Box<dyn Read + Send>,
-    compressed: Arc<AtomicU64>,
-    compressed_input: bool,
-    produced: u64,
-    max_ratio: u64,
-    ratio_floor: u64,
     hasher: Sha256,
     expected: Expected,
     verdict: Verdict,
@@ -53,11 +44,11 @@ pub(crate) struct DiffIdReader {
 
 impl DiffIdReader {
     /// Wraps `blob` (compressed as `compression` says, or sniffed for
-    /// [`Compression::Auto`]), with the ratio cap of `limits`.
+    /// [`Compression::Auto`]). It has no budgets of its own: the layer applier that
+    /// reads it holds the stream to the image's.
     pub fn new<R: Read + Send + 'static>(
         blob: R,
         compression: Compression,
-        limits: &Limits,
         expected: Expected,
     ) -> Result<Self, OciError> {
         let decoded = decompress(blob, compression).map_err(|source| OciError::Corrupt {
@@ -66,11 +57,6 @@ impl DiffIdReader {
         })?;
         Ok(Self {
             inner: decoded.reader,
-            compressed: decoded.compressed,
-            compressed_input: decoded.compressed_input,
-            produced: 0,
-            max_ratio: limits.max_compression_ratio,
-            ratio_floor: limits.ratio_floor,
             hasher: Sha256::new(),
             expected,
             verdict: Verdict::default(),
@@ -101,18 +87,6 @@ impl Read for DiffIdReader {
         let n = self.inner.read(buf)?;
         if n > 0 {
             self.hasher.update(&buf[..n]);
-            self.produced += n as u64;
-            if self.compressed_input && self.produced > self.ratio_floor {
-                let ratio = self.produced / self.compressed.load(Ordering::Relaxed).max(1);
-                if ratio > self.max_ratio {
-                    return Err(self.fail(OciError::LimitExceeded {
-                        entry: String::new(),
-                        kind: LimitKind::CompressionRatio,
-                        value: ratio,
-                        limit: self.max_ratio,
-                    }));
-                }
-            }
             return Ok(n);
         }
         self.done = true;
@@ -162,26 +136,16 @@ mod tests {
             (gz.clone(), Compression::Gzip),
             (gz, Compression::Auto),
         ] {
-            let limits = Limits::default();
-            let mut ok = DiffIdReader::new(
-                io::Cursor::new(blob.clone()),
-                compression,
-                &limits,
-                expected(&tar),
-            )
-            .unwrap();
+            let mut ok =
+                DiffIdReader::new(io::Cursor::new(blob.clone()), compression, expected(&tar))
+                    .unwrap();
             let mut out = Vec::new();
             ok.read_to_end(&mut out).unwrap();
             assert_eq!(out, tar);
             assert!(ok.verdict().lock().unwrap().is_none());
 
-            let mut bad = DiffIdReader::new(
-                io::Cursor::new(blob),
-                compression,
-                &limits,
-                expected(b"other"),
-            )
-            .unwrap();
+            let mut bad =
+                DiffIdReader::new(io::Cursor::new(blob), compression, expected(b"other")).unwrap();
             assert!(bad.read_to_end(&mut Vec::new()).is_err());
             let err = bad.verdict().lock().unwrap().take().unwrap();
             assert!(

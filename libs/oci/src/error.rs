@@ -3,32 +3,45 @@
 use std::io;
 use std::path::PathBuf;
 
-/// Which resource limit an input hit (see [`crate::Limits`]).
+/// Which budget of [`crate::Limits`] an input exhausted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitKind {
-    /// Total bytes of regular-file content across all applied layers.
-    TotalSize,
-    /// Number of entries across all applied layers.
+    /// Bytes of file data written across all layers, holes not counted
+    /// ([`crate::Limits::max_data_bytes`]).
+    DataSize,
+    /// Decompressed bytes of all layer streams together
+    /// ([`crate::Limits::max_stream_bytes`]).
+    StreamSize,
+    /// The apparent size of one file, holes counted ([`crate::Limits::max_file_bytes`]).
+    FileSize,
+    /// Number of entries across all layers ([`crate::Limits::max_entries`]).
     EntryCount,
-    /// Length of an entry's path or link target, in bytes.
+    /// Bytes of an entry's path or link target ([`crate::Limits::max_path_len`]).
     PathLength,
-    /// Decompressed bytes of one layer stream.
-    LayerSize,
-    /// Decompressed bytes per compressed byte of one layer stream.
-    CompressionRatio,
-    /// Bytes of tar metadata (headers, PAX records, long names) before one entry.
+    /// Directories above an entry, after symlinks are resolved
+    /// ([`crate::Limits::max_path_depth`]).
+    PathDepth,
+    /// Bytes of tar metadata (headers, PAX records, long names, sparse maps) before one
+    /// entry ([`crate::Limits::max_header_bytes`]).
     HeaderSize,
+    /// Bytes of one entry's extended attributes ([`crate::Limits::max_xattr_bytes`]).
+    XattrSize,
+    /// Milliseconds spent applying the layers ([`crate::Limits::max_duration`]).
+    Duration,
 }
 
 impl std::fmt::Display for LimitKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Self::TotalSize => "total extracted size",
+            Self::DataSize => "file data (bytes written, holes excluded)",
+            Self::StreamSize => "decompressed layers (bytes)",
+            Self::FileSize => "file size (bytes, holes included)",
             Self::EntryCount => "entry count",
-            Self::PathLength => "path length",
-            Self::LayerSize => "decompressed layer size",
-            Self::CompressionRatio => "compression ratio",
-            Self::HeaderSize => "tar header size",
+            Self::PathLength => "path length (bytes)",
+            Self::PathDepth => "path depth (directories)",
+            Self::HeaderSize => "tar header size (bytes)",
+            Self::XattrSize => "extended attributes of one entry (bytes)",
+            Self::Duration => "conversion time (ms)",
         })
     }
 }
@@ -67,8 +80,8 @@ pub enum OciError {
     /// A header field that cannot be applied (uid above 2^32, bad device number, ...).
     #[error("entry {entry:?}: invalid header ({reason})")]
     BadHeader { entry: String, reason: String },
-    /// A resource limit was exceeded; `entry` is the entry being read when it happened.
-    #[error("entry {entry:?}: {kind} limit exceeded ({value} > {limit})")]
+    /// A budget was exhausted; `entry` is the entry being read when it happened.
+    #[error("entry {entry:?}: budget for {kind} exceeded ({value} > {limit})")]
     LimitExceeded {
         entry: String,
         kind: LimitKind,

@@ -20,7 +20,7 @@ use sha2::{Digest as _, Sha256};
 use crate::compression::Compression;
 use crate::diff_id::{DiffIdReader, Expected};
 use crate::error::OciError;
-use crate::layer::{LayerApplier, LayerStats, Limits};
+use crate::layer::{LayerApplier, LayerStats};
 
 const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -239,21 +239,20 @@ impl OciLayout {
     }
 
     /// Applies the image's layers, in order, with `applier`, each verified as in
-    /// [`Self::apply_layer`] with the default compression ratio cap.
+    /// [`Self::apply_layer`]; the applier holds them to its budgets.
     pub fn apply(
         &self,
         image: &ResolvedImage,
         applier: &mut LayerApplier,
     ) -> Result<Vec<LayerStats>, OciError> {
         (0..image.manifest.layers.len())
-            .map(|index| self.apply_layer(image, index, applier, &Limits::default()))
+            .map(|index| self.apply_layer(image, index, applier))
             .collect()
     }
 
     /// Applies layer `index` of the image with `applier`, checking its blob digest and
     /// size and its diff_id as it streams. The layer is decompressed before it reaches
-    /// the applier (which so sees a plain tar), so the compression ratio cap of `limits`
-    /// (the applier's, for callers that set their own) is checked here.
+    /// the applier (which so sees a plain tar and holds it to its budgets).
     ///
     /// Every application hashes the decompressed tar again, cached blob or not: that
     /// costs no extra pass (the hash runs on the stream being applied), and it means no
@@ -265,7 +264,6 @@ impl OciLayout {
         image: &ResolvedImage,
         index: usize,
         applier: &mut LayerApplier,
-        limits: &Limits,
     ) -> Result<LayerStats, OciError> {
         let layer = &image.manifest.layers[index];
         let diff_id = image
@@ -284,11 +282,11 @@ impl OciLayout {
             digest: layer.digest.clone(),
             diff_id,
         };
-        let tar = DiffIdReader::new(blob, compression, limits, expected)?;
+        let tar = DiffIdReader::new(blob, compression, expected)?;
         let tar_verdict = tar.verdict();
         let result = applier.apply(tar, Compression::None);
         // A digest or size mismatch is the real cause of whatever the stream did; then
-        // a diff_id mismatch (or a passed ratio cap) is.
+        // a diff_id mismatch is.
         if let Some(err) = take(&blob_verdict) {
             return Err(err);
         }

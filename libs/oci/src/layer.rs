@@ -22,55 +22,86 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{AtFlags, AT_FDCWD};
 use nix::sys::stat::{fchmodat, mknod, utimensat, FchmodatFlags, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
-use tar::EntryType;
 
 use crate::compression::{decoder, Compression, LimitHit, StreamCaps};
 use crate::error::{LimitKind, OciError};
 use crate::staging::{apply_err, split_entry, DirTimes, Slot, StagingRoot};
+use crate::tar_reader::{Header, Kind, ReaderLimits, TarReader};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
-const XATTR_PAX_PREFIX: &str = "SCHILY.xattr.";
 const COPY_BUFFER: usize = 256 << 10;
 
-/// Resource limits for untrusted layers. The defaults fit real images (a few GiB) with
-/// room to spare; services should set them from their config.
+/// Budgets for untrusted layers: what applying an image may cost, in absolute terms.
+///
+/// A decompression bomb is bounded by what it would cost, not by how well it compresses:
+/// the bytes it makes the builder decompress (`max_stream_bytes`), the file data it makes
+/// it write (`max_data_bytes`, holes not counted, so a large sparse or zero-filled file
+/// costs what it allocates), the entries, names and metadata it makes it hold, and the
+/// time. [`Limits::for_image_bytes`] sizes them all from the largest root file system a
+/// template may have, which is what the builder's config sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Regular-file bytes across all layers applied by one [`LayerApplier`].
-    pub max_total_bytes: u64,
+    /// Bytes of regular-file data written across all layers applied by one
+    /// [`LayerApplier`], holes excluded (all-zero blocks are holes too).
+    pub max_data_bytes: u64,
+    /// Decompressed bytes of all layer streams together (headers, padding and zero runs
+    /// included): what decompressing the image costs.
+    pub max_stream_bytes: u64,
+    /// The apparent size of one regular file, holes included.
+    pub max_file_bytes: u64,
     /// Entries (of any kind, whiteouts included) across all layers.
     pub max_entries: u64,
     /// Bytes in one entry path or link target.
     pub max_path_len: usize,
-    /// Decompressed bytes of one layer stream (tar headers and padding included).
-    pub max_layer_bytes: u64,
-    /// Decompressed bytes per compressed byte, checked once a stream has produced
-    /// `ratio_floor` bytes.
-    pub max_compression_ratio: u64,
-    /// See `max_compression_ratio`.
-    pub ratio_floor: u64,
-    /// Bytes of tar metadata (headers, PAX records with xattrs, GNU long names) for one
-    /// entry; the tar reader holds them in memory.
+    /// Directories above an entry, counted after symlinked parents are resolved.
+    pub max_path_depth: usize,
+    /// Bytes of tar metadata (headers, PAX records, GNU long names, sparse maps) for one
+    /// entry; the reader holds them in memory.
     pub max_header_bytes: u64,
+    /// Bytes of one entry's extended attributes, names and values together (Linux caps
+    /// one value at 64 KiB, and ext4 keeps an inode's attributes in one block).
+    pub max_xattr_bytes: u64,
+    /// Time for applying all the layers of one [`LayerApplier`], from its first layer.
+    pub max_duration: Duration,
+}
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+impl Limits {
+    /// Budgets for an image whose root file system may hold `bytes` of file data.
+    ///
+    /// The stream may be twice that and a GiB more (upper layers rewrite lower files;
+    /// zero runs cost decompression but no disk); one entry per 2 KiB of that data, at
+    /// least 16,384 and at most 4 million (a real image averages tens of KiB per file);
+    /// two minutes plus a second per 16 MiB. A sparse file may be 4 TiB apparent (the
+    /// `lastlog` of an image with a user id near 2^32 is 1.2 TB of holes).
+    pub fn for_image_bytes(bytes: u64) -> Self {
+        Self {
+            max_data_bytes: bytes,
+            max_stream_bytes: bytes.saturating_mul(2).saturating_add(GIB),
+            max_file_bytes: 4 << 40,
+            max_entries: (bytes / 2048).clamp(16_384, 4_000_000),
+            max_path_len: 4096,
+            max_path_depth: 256,
+            max_header_bytes: 4 * MIB,
+            max_xattr_bytes: 64 << 10,
+            max_duration: Duration::from_secs(120 + bytes / (16 * MIB)),
+        }
+    }
 }
 
 impl Default for Limits {
+    /// [`Limits::for_image_bytes`] of 16 GiB.
     fn default() -> Self {
-        Self {
-            max_total_bytes: 32 << 30,
-            max_entries: 2_000_000,
-            max_path_len: 4096,
-            max_layer_bytes: 32 << 30,
-            max_compression_ratio: 1000,
-            ratio_floor: 64 << 20,
-            max_header_bytes: 4 << 20,
-        }
+        Self::for_image_bytes(16 * GIB)
     }
 }
 
@@ -102,7 +133,7 @@ impl Default for ApplyOptions {
 pub struct LayerStats {
     /// Entries read (whiteouts included).
     pub entries: u64,
-    /// Regular-file bytes written.
+    /// Regular-file data bytes written (holes, all-zero blocks included, excluded).
     pub file_bytes: u64,
     /// Whiteouts and opaque markers applied.
     pub whiteouts: u64,
@@ -118,6 +149,8 @@ pub struct LayerApplier {
     root: StagingRoot,
     options: ApplyOptions,
     total: LayerStats,
+    /// When the first layer started: [`Limits::max_duration`] counts from here.
+    started: Option<Instant>,
     /// Reused for copying file data (large copies, few system calls).
     buffer: Vec<u8>,
     /// The last parent directory resolved. Tar entries come grouped by directory, so most
@@ -134,11 +167,12 @@ struct ParentCache {
     removals: u64,
 }
 
-/// A directory whose metadata is applied when the layer ends.
+/// A directory whose mode, owner and times are applied when the layer ends (its
+/// extended attributes are applied at once, so that what the layer holds in memory until
+/// then stays small whatever the headers carry).
 #[derive(Debug)]
 struct DeferredDir {
     rel: PathBuf,
-    entry: String,
     meta: Meta,
 }
 
@@ -149,7 +183,6 @@ struct Meta {
     uid: u32,
     gid: u32,
     mtime: TimeSpec,
-    xattrs: Vec<(OsString, Vec<u8>)>,
 }
 
 /// Per-layer state.
@@ -161,7 +194,6 @@ struct LayerState {
     dirs: Vec<DeferredDir>,
     times: DirTimes,
     stats: LayerStats,
-    stream: LimitHit,
 }
 
 impl LayerState {
@@ -190,6 +222,7 @@ impl LayerApplier {
             root: StagingRoot::new(root, options.follow_parent_symlinks)?,
             options,
             total: LayerStats::default(),
+            started: None,
             buffer: vec![0; COPY_BUFFER],
             parent_cache: None,
         })
@@ -228,38 +261,49 @@ impl LayerApplier {
         compression: Compression,
     ) -> Result<LayerStats, OciError> {
         let limits = self.options.limits;
+        let started = *self.started.get_or_insert_with(Instant::now);
         let hit: LimitHit = Rc::default();
         let caps = StreamCaps {
-            max_bytes: limits.max_layer_bytes,
-            max_ratio: limits.max_compression_ratio,
-            ratio_floor: limits.ratio_floor,
-            max_meta: limits.max_header_bytes,
+            base: self.total.stream_bytes,
+            max_total: limits.max_stream_bytes,
+            started,
+            max_duration: limits.max_duration,
         };
         let stream =
             decoder(blob, compression, caps, hit.clone()).map_err(|source| OciError::Corrupt {
                 after: String::new(),
                 source,
             })?;
-        let mut archive = tar::Archive::new(stream);
+        let mut tar = TarReader::new(
+            stream,
+            ReaderLimits {
+                max_header_bytes: limits.max_header_bytes,
+            },
+        );
         // Each layer records the directory times it changes from its first entry on.
         self.parent_cache = None;
-        let mut state = LayerState {
-            stream: hit.clone(),
-            ..LayerState::default()
-        };
-        let mut last = String::new();
-        let result = self.apply_entries(&mut archive, &mut state, &hit, &mut last);
+        let mut state = LayerState::default();
+        let result = self.apply_entries(&mut tar, &mut state);
         // Directory metadata goes in place even after a failure: what was applied stays
         // consistent for inspection (the first error is the one reported).
         let finished = self.finish_layer(state.dirs, state.times);
         let mut stats = state.stats;
-        result?;
+        let last = tar.last().to_owned();
+        result.map_err(|err| budget_error(&hit, &last, err))?;
         finished?;
-        let mut stream = archive.into_inner();
-        // Trailing padding after the end-of-archive blocks is no header.
-        hit.in_data.set(true);
-        io::copy(&mut stream, &mut io::sink())
-            .map_err(|source| stream_error(&hit, &last, source))?;
+        let mut stream = tar.into_inner();
+        // What follows the end-of-archive blocks is hashed (by the digest readers below)
+        // but never interpreted.
+        io::copy(&mut stream, &mut io::sink()).map_err(|source| {
+            budget_error(
+                &hit,
+                &last,
+                OciError::Corrupt {
+                    after: last.clone(),
+                    source,
+                },
+            )
+        })?;
         stats.stream_bytes = stream.produced();
         self.total.entries += stats.entries;
         self.total.file_bytes += stats.file_bytes;
@@ -270,50 +314,23 @@ impl LayerApplier {
 
     fn apply_entries<R: Read>(
         &mut self,
-        archive: &mut tar::Archive<R>,
+        tar: &mut TarReader<R>,
         state: &mut LayerState,
-        hit: &LimitHit,
-        last: &mut String,
     ) -> Result<(), OciError> {
-        let entries = archive
-            .entries()
-            .map_err(|source| stream_error(hit, last, source))?;
-        for entry in entries {
-            let mut entry = match entry {
-                Ok(entry) => entry,
-                // umoci 0.4.7 writes layers that stop right after the last entry's data
-                // (no padding, no end-of-archive blocks); Go's reader and umoci accept
-                // them. Only a cleanly ended stream qualifies: a truncated gzip or zstd
-                // stream fails in its decoder, and a short entry fails while it is read.
-                Err(err) if hit.clean_eof.get() && hit.hit.get().is_none() && !last.is_empty() => {
-                    tracing::debug!(after = %last, error = %err, "layer ends without an end-of-archive marker");
-                    break;
-                }
-                Err(err) => return Err(stream_error(hit, last, err)),
-            };
-            hit.meta_run.set(0);
-            let raw = entry.path_bytes().into_owned();
-            *last = String::from_utf8_lossy(&raw).into_owned();
-            self.apply_entry(&mut entry, &raw, last, state)
-                .map_err(|err| match err {
-                    // A read error inside an entry's data may be a cap firing.
-                    OciError::Apply { source, .. } if hit.hit.get().is_some() => {
-                        stream_error(hit, last, source)
-                    }
-                    other => other,
-                })?;
+        while let Some(header) = tar.next_entry()? {
+            self.apply_entry(tar, &header, state)?;
         }
         Ok(())
     }
 
     fn apply_entry<R: Read>(
         &mut self,
-        entry: &mut tar::Entry<'_, R>,
-        raw: &[u8],
-        name: &str,
+        tar: &mut TarReader<R>,
+        header: &Header,
         state: &mut LayerState,
     ) -> Result<(), OciError> {
         let limits = self.options.limits;
+        let name = &header.display_name();
         state.stats.entries += 1;
         let count = self.total.entries + state.stats.entries;
         if count > limits.max_entries {
@@ -324,6 +341,7 @@ impl LayerApplier {
                 limits.max_entries,
             ));
         }
+        let raw = &header.path[..];
         if raw.len() > limits.max_path_len {
             return Err(limit(
                 name,
@@ -332,31 +350,34 @@ impl LayerApplier {
                 limits.max_path_len as u64,
             ));
         }
-        let kind = entry.header().entry_type();
-        if matches!(kind, EntryType::XGlobalHeader) {
-            return Ok(());
-        }
         let comps = split_entry(raw).map_err(|reason| OciError::UnsafePath {
             entry: name.to_owned(),
             reason,
         })?;
         let Some((base, parents)) = comps.split_last() else {
             // The root itself: only its metadata can change.
-            if !kind.is_dir() {
+            if header.kind != Kind::Directory {
                 return Err(OciError::UnsafePath {
                     entry: name.to_owned(),
                     reason: "replaces the root directory",
                 });
             }
-            let meta = read_meta(entry, name)?;
+            let meta = self.directory_xattrs(header, Path::new(""), name)?;
             state.times.forget(Path::new(""));
             state.dirs.push(DeferredDir {
                 rel: PathBuf::new(),
-                entry: name.to_owned(),
                 meta,
             });
             return Ok(());
         };
+        if parents.len() >= limits.max_path_depth {
+            return Err(limit(
+                name,
+                LimitKind::PathDepth,
+                parents.len() as u64 + 1,
+                limits.max_path_depth as u64,
+            ));
+        }
         if base.as_bytes().starts_with(WHITEOUT_PREFIX) {
             state.stats.whiteouts += 1;
             return self.whiteout(parents, base.as_bytes(), name, state);
@@ -366,40 +387,40 @@ impl LayerApplier {
         let rel = parent.join(base);
         state.times.note(&self.root, &parent);
 
-        if kind.is_hard_link() {
-            return self.hardlink(entry, &rel, name, state);
+        if header.kind == Kind::Hardlink {
+            return self.hardlink(header, &rel, name, state);
         }
-        let meta = read_meta(entry, name)?;
+        let meta = meta_of(header, name)?;
+        let xattrs = xattrs_of(header, name, limits.max_xattr_bytes)?;
         let host = self.root.abs(&rel);
-        match kind {
-            EntryType::Directory => {
+        match header.kind {
+            Kind::Directory => {
                 let slot = self.root.clear_slot(&rel, true, name)?;
                 if slot == Slot::Empty {
                     fs::DirBuilder::new()
                         .create(&host)
                         .map_err(|e| apply_err(name, "mkdir", e))?;
                 }
+                let meta = self.directory_xattrs(header, &rel, name)?;
                 state.times.forget(&rel);
                 state.dirs.push(DeferredDir {
                     rel: rel.clone(),
-                    entry: name.to_owned(),
                     meta,
                 });
             }
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                let size = entry.size();
-                let total = self.total.file_bytes + state.stats.file_bytes + size;
-                if total > limits.max_total_bytes {
+            Kind::Regular => {
+                let apparent = header.apparent_size();
+                if apparent > limits.max_file_bytes {
                     return Err(limit(
                         name,
-                        LimitKind::TotalSize,
-                        total,
-                        limits.max_total_bytes,
+                        LimitKind::FileSize,
+                        apparent,
+                        limits.max_file_bytes,
                     ));
                 }
                 // Creating first and clearing the slot only when something is there saves
                 // an lstat per file in the common case (O_EXCL never follows a symlink).
-                let mut file = match create_file(&host) {
+                let file = match create_file(&host) {
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                         self.root.clear_slot(&rel, false, name)?;
                         create_file(&host)
@@ -407,27 +428,17 @@ impl LayerApplier {
                     other => other,
                 }
                 .map_err(|e| apply_err(name, "creating a file", e))?;
-                state.stream.in_data.set(true);
-                let copied = copy_data(entry, &mut file, &mut self.buffer);
-                state.stream.in_data.set(false);
-                let written = copied.map_err(|e| apply_err(name, "writing a file", e))?;
+                let used = self.total.file_bytes + state.stats.file_bytes;
+                let written = self.write_file(tar, header, &file, name, used)?;
                 state.stats.file_bytes += written;
-                if written < size && kind != EntryType::GNUSparse {
-                    return Err(OciError::Corrupt {
-                        after: name.to_owned(),
-                        source: io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("the layer ends inside the entry ({written} of {size} bytes)"),
-                        ),
-                    });
-                }
-                self.set_file_meta(&file, &meta, name)?;
+                self.set_file_meta(&file, &meta, &xattrs, name)?;
             }
-            EntryType::Symlink => {
+            Kind::Symlink => {
                 self.root.clear_slot(&rel, false, name)?;
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| bad_header(name, "symlink without a target"))?;
+                let target = &header.link;
+                if target.is_empty() {
+                    return Err(bad_header(name, "symlink without a target"));
+                }
                 if target.len() > limits.max_path_len {
                     return Err(limit(
                         name,
@@ -436,46 +447,106 @@ impl LayerApplier {
                         limits.max_path_len as u64,
                     ));
                 }
-                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &host)
+                std::os::unix::fs::symlink(OsStr::from_bytes(target), &host)
                     .map_err(|e| apply_err(name, "creating a symlink", e))?;
-                self.set_meta(&host, &meta, name, true)?;
+                self.set_meta(&host, &meta, &xattrs, name, true)?;
             }
-            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+            Kind::Char | Kind::Block | Kind::Fifo => {
                 self.root.clear_slot(&rel, false, name)?;
-                let (sflag, dev) = match kind {
-                    EntryType::Fifo => (SFlag::S_IFIFO, 0),
-                    _ => {
-                        let major = entry
-                            .header()
-                            .device_major()
-                            .map_err(|e| bad_header(name, &e.to_string()))?
-                            .unwrap_or(0);
-                        let minor = entry
-                            .header()
-                            .device_minor()
-                            .map_err(|e| bad_header(name, &e.to_string()))?
-                            .unwrap_or(0);
-                        let sflag = if kind == EntryType::Char {
+                let (sflag, dev) = match header.kind {
+                    Kind::Fifo => (SFlag::S_IFIFO, 0),
+                    kind => {
+                        let sflag = if kind == Kind::Char {
                             SFlag::S_IFCHR
                         } else {
                             SFlag::S_IFBLK
                         };
-                        (sflag, nix::sys::stat::makedev(major.into(), minor.into()))
+                        let dev = nix::sys::stat::makedev(
+                            header.dev_major.into(),
+                            header.dev_minor.into(),
+                        );
+                        (sflag, dev)
                     }
                 };
                 mknod(&host, sflag, Mode::from_bits_truncate(0o600), dev)
                     .map_err(|e| apply_err(name, "mknod", e.into()))?;
-                self.set_meta(&host, &meta, name, false)?;
+                self.set_meta(&host, &meta, &xattrs, name, false)?;
             }
-            other => {
-                return Err(OciError::UnsupportedEntry {
-                    entry: name.to_owned(),
-                    kind: other.as_byte(),
-                })
-            }
+            Kind::Hardlink => {}
         }
         state.record(&rel);
         Ok(())
+    }
+
+    /// Writes a regular file's data: every data segment at its offset (one segment from 0
+    /// for a file that is not sparse), all-zero blocks left as holes, then the size set.
+    /// `used` is the data the layers wrote before; returns the bytes written.
+    fn write_file<R: Read>(
+        &mut self,
+        tar: &mut TarReader<R>,
+        header: &Header,
+        file: &File,
+        name: &str,
+        used: u64,
+    ) -> Result<u64, OciError> {
+        let max = self.options.limits.max_data_bytes;
+        let whole = [(0, header.size)];
+        let segments = match &header.sparse {
+            Some(sparse) => &sparse.segments[..],
+            None => &whole[..],
+        };
+        let mut written = 0u64;
+        for &(offset, length) in segments {
+            written += write_segment(
+                tar,
+                file,
+                offset,
+                length,
+                &mut self.buffer,
+                max.saturating_sub(used + written),
+            )
+            .map_err(|err| match err {
+                CopyError::Budget(more) => {
+                    limit(name, LimitKind::DataSize, used + written + more, max)
+                }
+                CopyError::Read(source) => OciError::Corrupt {
+                    after: name.to_owned(),
+                    source,
+                },
+                CopyError::Write(e) => apply_err(name, "writing a file", e),
+            })?;
+        }
+        file.set_len(header.apparent_size())
+            .map_err(|e| apply_err(name, "setting a file's size", e))?;
+        Ok(written)
+    }
+
+    /// Applies a directory entry's extended attributes now (those of a merged directory
+    /// that the new header does not list are removed) and returns the rest of its
+    /// metadata, applied when the layer ends.
+    fn directory_xattrs(&self, header: &Header, rel: &Path, name: &str) -> Result<Meta, OciError> {
+        let meta = meta_of(header, name)?;
+        let xattrs = xattrs_of(header, name, self.options.limits.max_xattr_bytes)?;
+        let host = self.root.abs(rel);
+        let names = list_xattrs(&host).map_err(|e| apply_err(name, "listing xattrs", e))?;
+        for key in names {
+            let keep =
+                key.as_bytes() == b"security.selinux" || xattrs.iter().any(|(k, _)| *k == key);
+            if !keep {
+                rustix::fs::lremovexattr(&host, key.as_os_str())
+                    .map_err(|e| apply_err(name, "removing an xattr", e.into()))?;
+            }
+        }
+        for (key, value) in &xattrs {
+            rustix::fs::lsetxattr(
+                &host,
+                key.as_os_str(),
+                value,
+                rustix::fs::XattrFlags::empty(),
+            )
+            .map_err(|e| apply_err(name, "setting an xattr", e.into()))?;
+        }
+        Ok(meta)
     }
 
     /// Resolves (creating) an entry's parent directories, reusing the last resolution
@@ -497,6 +568,18 @@ impl LayerApplier {
             .ok_or_else(|| {
                 apply_err(name, "resolving the parent", io::ErrorKind::NotFound.into())
             })?;
+        // Symlinked parents can put an entry deeper than its own path says: the budget
+        // is on where it really lands.
+        let depth = real.components().count();
+        let max = self.options.limits.max_path_depth;
+        if depth >= max {
+            return Err(limit(
+                name,
+                LimitKind::PathDepth,
+                depth as u64 + 1,
+                max as u64,
+            ));
+        }
         self.parent_cache = Some(ParentCache {
             comps: parents.to_vec(),
             real: real.clone(),
@@ -507,7 +590,13 @@ impl LayerApplier {
 
     /// [`Self::set_meta`] for a regular file just written, through its descriptor: the
     /// same calls in the same order, without resolving the path four more times.
-    fn set_file_meta(&self, file: &File, meta: &Meta, name: &str) -> Result<(), OciError> {
+    fn set_file_meta(
+        &self,
+        file: &File,
+        meta: &Meta,
+        xattrs: &[(OsString, Vec<u8>)],
+        name: &str,
+    ) -> Result<(), OciError> {
         if self.options.preserve_ownership {
             nix::unistd::fchown(
                 file,
@@ -518,7 +607,7 @@ impl LayerApplier {
         }
         nix::sys::stat::fchmod(file, Mode::from_bits_truncate(meta.mode))
             .map_err(|e| apply_err(name, "chmod", e.into()))?;
-        for (key, value) in &meta.xattrs {
+        for (key, value) in xattrs {
             rustix::fs::fsetxattr(
                 file,
                 key.as_os_str(),
@@ -532,17 +621,18 @@ impl LayerApplier {
         Ok(())
     }
 
-    fn hardlink<R: Read>(
+    fn hardlink(
         &mut self,
-        entry: &tar::Entry<'_, R>,
+        header: &Header,
         rel: &Path,
         name: &str,
         state: &mut LayerState,
     ) -> Result<(), OciError> {
-        let raw_target = entry
-            .link_name_bytes()
-            .ok_or_else(|| bad_header(name, "hardlink without a target"))?;
-        let target_name = String::from_utf8_lossy(&raw_target).into_owned();
+        let raw_target = &header.link;
+        if raw_target.is_empty() {
+            return Err(bad_header(name, "hardlink without a target"));
+        }
+        let target_name = String::from_utf8_lossy(raw_target).into_owned();
         let bad = |reason| OciError::BadHardlink {
             entry: name.to_owned(),
             target: target_name.clone(),
@@ -551,7 +641,7 @@ impl LayerApplier {
         if raw_target.len() > self.options.limits.max_path_len {
             return Err(bad("is too long"));
         }
-        let comps = split_entry(&raw_target).map_err(|_| bad("leaves the root"))?;
+        let comps = split_entry(raw_target).map_err(|_| bad("leaves the root"))?;
         let Some((base, parents)) = comps.split_last() else {
             return Err(bad("is the root directory"));
         };
@@ -649,6 +739,7 @@ impl LayerApplier {
         &self,
         host: &Path,
         meta: &Meta,
+        xattrs: &[(OsString, Vec<u8>)],
         name: &str,
         symlink: bool,
     ) -> Result<(), OciError> {
@@ -672,7 +763,7 @@ impl LayerApplier {
             )
             .map_err(|e| apply_err(name, "chmod", e.into()))?;
         }
-        for (key, value) in &meta.xattrs {
+        for (key, value) in xattrs {
             if let Err(e) = rustix::fs::lsetxattr(
                 host,
                 key.as_os_str(),
@@ -709,22 +800,8 @@ impl LayerApplier {
                 continue;
             }
             let host = self.root.abs(&dir.rel);
-            self.clear_xattrs(&host, &dir.meta, &dir.entry)?;
-            self.set_meta(&host, &dir.meta, &dir.entry, false)?;
-        }
-        Ok(())
-    }
-
-    /// Removes xattrs of a merged directory that its new header does not list.
-    fn clear_xattrs(&self, host: &Path, meta: &Meta, name: &str) -> Result<(), OciError> {
-        let names = list_xattrs(host).map_err(|e| apply_err(name, "listing xattrs", e))?;
-        for key in names {
-            let keep =
-                key.as_bytes() == b"security.selinux" || meta.xattrs.iter().any(|(k, _)| *k == key);
-            if !keep {
-                rustix::fs::lremovexattr(host, key.as_os_str())
-                    .map_err(|e| apply_err(name, "removing an xattr", e.into()))?;
-            }
+            let name = dir.rel.to_string_lossy();
+            self.set_meta(&host, &dir.meta, &[], &name, false)?;
         }
         Ok(())
     }
@@ -749,20 +826,108 @@ pub(crate) fn list_xattrs(path: &Path) -> io::Result<Vec<OsString>> {
     }
 }
 
-/// Copies an entry's data into a file through `buffer`; returns the bytes copied.
-fn copy_data(from: &mut impl Read, to: &mut File, buffer: &mut [u8]) -> io::Result<u64> {
-    use std::io::Write;
-    let mut total = 0;
-    loop {
-        let n = match from.read(buffer) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buffer[..n])?;
-        total += n as u64;
+/// Why writing a data segment stopped.
+#[derive(Debug)]
+enum CopyError {
+    /// The stream failed (a budget, corruption, or an end inside the entry).
+    Read(io::Error),
+    /// The staging file system failed.
+    Write(io::Error),
+    /// The data budget ran out; this many bytes were about to be written.
+    Budget(u64),
+}
+
+/// Holes are made at this granularity (the smallest block any file system here uses).
+const HOLE_BLOCK: u64 = 4096;
+
+/// Copies `length` bytes of entry data to `offset` in `file` (created empty: all holes),
+/// leaving every all-zero 4 KiB block, aligned in the file, unwritten, so that zero runs
+/// cost no disk here or in the ext4 image (`mkfs.ext4 -d` copies only data). Returns the
+/// bytes written; fails before writing past `budget`.
+fn write_segment<R: Read>(
+    tar: &mut TarReader<R>,
+    file: &File,
+    mut offset: u64,
+    length: u64,
+    buffer: &mut [u8],
+    budget: u64,
+) -> Result<u64, CopyError> {
+    use std::os::unix::fs::FileExt;
+    let mut left = length;
+    let mut written = 0u64;
+    while left > 0 {
+        let want = buffer
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
+        let chunk = &mut buffer[..want];
+        let mut filled = 0;
+        while filled < want {
+            match tar.read_data(&mut chunk[filled..]) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(CopyError::Read(e)),
+            }
+        }
+        // Runs of data blocks, cut at block boundaries of the file, each written at once.
+        let mut pos = 0usize;
+        let mut run: Option<usize> = None;
+        while pos < want {
+            let at = offset + pos as u64;
+            let end = (want as u64).min((at / HOLE_BLOCK + 1) * HOLE_BLOCK - offset) as usize;
+            let data = !is_zero(&chunk[pos..end]);
+            match (data, run) {
+                (true, None) => run = Some(pos),
+                (false, Some(start)) => {
+                    written += write_run(
+                        file,
+                        &chunk[start..pos],
+                        offset + start as u64,
+                        written,
+                        budget,
+                    )?;
+                    run = None;
+                }
+                _ => {}
+            }
+            pos = end;
+        }
+        if let Some(start) = run {
+            written += write_run(
+                file,
+                &chunk[start..want],
+                offset + start as u64,
+                written,
+                budget,
+            )?;
+        }
+        offset += want as u64;
+        left -= want as u64;
     }
+    return Ok(written);
+
+    fn write_run(
+        file: &File,
+        data: &[u8],
+        at: u64,
+        written: u64,
+        budget: u64,
+    ) -> Result<u64, CopyError> {
+        let len = data.len() as u64;
+        if written + len > budget {
+            return Err(CopyError::Budget(written + len));
+        }
+        file.write_all_at(data, at).map_err(CopyError::Write)?;
+        Ok(len)
+    }
+}
+
+/// Whether a block is all zeros (no early exit: the compiler vectorises this).
+fn is_zero(block: &[u8]) -> bool {
+    let mut words = block.chunks_exact(16);
+    let any = words.by_ref().fold(0u128, |acc, w| {
+        acc | u128::from_ne_bytes(w.try_into().unwrap_or([0xff; 16]))
+    });
+    any == 0 && words.remainder().iter().all(|b| *b == 0)
 }
 
 fn libc_flags() -> i32 {
@@ -795,76 +960,41 @@ fn bad_header(entry: &str, reason: &str) -> OciError {
     }
 }
 
-/// A read error of the stream: a cap that fired, or a corrupt archive.
-fn stream_error(hit: &LimitHit, last: &str, source: io::Error) -> OciError {
+/// An error met while a layer streamed: the budget the stream ran into when one did (a
+/// read error is how the stream reports it), else the error itself.
+fn budget_error(hit: &LimitHit, last: &str, err: OciError) -> OciError {
     match hit.hit.get() {
         Some((kind, value, max)) => limit(last, kind, value, max),
-        None => OciError::Corrupt {
-            after: last.to_owned(),
-            source,
-        },
+        None => err,
     }
 }
 
-/// Reads mode, owner, mtime and xattrs, with PAX records overriding the ustar fields.
-fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Meta, OciError> {
-    let header = entry.header();
+/// Mode, owner and mtime (PAX records already applied by the reader).
+fn meta_of(header: &Header, name: &str) -> Result<Meta, OciError> {
     let bad = |what: &str| bad_header(name, what);
-    let mode = header.mode().map_err(|_| bad("mode"))? & 0o7777;
-    let mut uid = header.uid().map_err(|_| bad("uid"))?;
-    let mut gid = header.gid().map_err(|_| bad("gid"))?;
-    let mut mtime = TimeSpec::new(
-        i64::try_from(header.mtime().map_err(|_| bad("mtime"))?).map_err(|_| bad("mtime"))?,
-        0,
-    );
-    let mut xattrs = Vec::new();
-    if let Some(pax) = entry.pax_extensions().map_err(|_| bad("PAX records"))? {
-        for ext in pax {
-            let ext = ext.map_err(|_| bad("PAX records"))?;
-            let Ok(key) = ext.key() else { continue };
-            let value = ext.value_bytes();
-            if let Some(xattr) = key.strip_prefix(XATTR_PAX_PREFIX) {
-                xattrs.push((OsString::from(xattr), value.to_vec()));
-                continue;
-            }
-            let text = std::str::from_utf8(value).map_err(|_| bad(key))?;
-            match key {
-                "uid" => uid = text.parse().map_err(|_| bad("PAX uid"))?,
-                "gid" => gid = text.parse().map_err(|_| bad("PAX gid"))?,
-                "mtime" => mtime = parse_pax_time(text).ok_or_else(|| bad("PAX mtime"))?,
-                _ => {}
-            }
-        }
-    }
     Ok(Meta {
-        mode,
-        uid: u32::try_from(uid).map_err(|_| bad("uid above 2^32"))?,
-        gid: u32::try_from(gid).map_err(|_| bad("gid above 2^32"))?,
-        mtime,
-        xattrs,
+        mode: header.mode,
+        uid: u32::try_from(header.uid).map_err(|_| bad("uid above 2^32"))?,
+        gid: u32::try_from(header.gid).map_err(|_| bad("gid above 2^32"))?,
+        mtime: TimeSpec::new(header.mtime.0, i64::from(header.mtime.1)),
     })
 }
 
-/// Parses a PAX time, `seconds[.fraction]`, possibly negative.
-fn parse_pax_time(text: &str) -> Option<TimeSpec> {
-    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
-    let secs: i64 = secs.parse().ok()?;
-    let digits: String = frac.chars().take(9).collect();
-    if !digits.chars().all(|c| c.is_ascii_digit()) {
-        return None;
+/// The entry's extended attributes, within the budget.
+fn xattrs_of(header: &Header, name: &str, max: u64) -> Result<Vec<(OsString, Vec<u8>)>, OciError> {
+    let total: u64 = header
+        .xattrs
+        .iter()
+        .map(|(k, v)| (k.len() + v.len()) as u64)
+        .sum();
+    if total > max {
+        return Err(limit(name, LimitKind::XattrSize, total, max));
     }
-    let mut nanos: i64 = if digits.is_empty() {
-        0
-    } else {
-        digits.parse().ok()?
-    };
-    for _ in digits.len()..9 {
-        nanos *= 10;
-    }
-    if secs < 0 && nanos > 0 {
-        return Some(TimeSpec::new(secs - 1, 1_000_000_000 - nanos));
-    }
-    Some(TimeSpec::new(secs, nanos))
+    Ok(header
+        .xattrs
+        .iter()
+        .map(|(k, v)| (OsStr::from_bytes(k).to_owned(), v.clone()))
+        .collect())
 }
 
 #[cfg(test)]
@@ -872,20 +1002,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pax_times() {
-        let t = parse_pax_time("1700000000.5").map(|t| (t.tv_sec(), t.tv_nsec()));
-        assert_eq!(t, Some((1_700_000_000, 500_000_000)));
-        let t = parse_pax_time("12").map(|t| (t.tv_sec(), t.tv_nsec()));
-        assert_eq!(t, Some((12, 0)));
-        let t = parse_pax_time("-1.25").map(|t| (t.tv_sec(), t.tv_nsec()));
-        assert_eq!(t, Some((-2, 750_000_000)));
-        assert!(parse_pax_time("x").is_none());
+    fn default_limits_are_generous() {
+        let limits = Limits::default();
+        assert!(limits.max_data_bytes >= 8 << 30);
+        assert!(limits.max_stream_bytes > limits.max_data_bytes);
+        assert_eq!(limits.max_path_len, 4096);
+        let small = Limits::for_image_bytes(512 << 20);
+        assert_eq!(small.max_data_bytes, 512 << 20);
+        assert_eq!(small.max_entries, 262_144);
+        assert!(small.max_duration < limits.max_duration);
     }
 
     #[test]
-    fn default_limits_are_generous() {
-        let limits = Limits::default();
-        assert!(limits.max_total_bytes >= 8 << 30);
-        assert_eq!(limits.max_path_len, 4096);
+    fn zero_blocks() {
+        assert!(is_zero(&[0u8; 4096]));
+        assert!(is_zero(&[0u8; 17]));
+        let mut block = [0u8; 4096];
+        block[4095] = 1;
+        assert!(!is_zero(&block));
+        let mut odd = [0u8; 17];
+        odd[16] = 1;
+        assert!(!is_zero(&odd));
     }
 }

@@ -20,6 +20,7 @@ pub mod layer;
 pub mod registry;
 pub mod rootfs;
 mod staging;
+mod tar_reader;
 
 pub use archive::{import_docker_archive, import_docker_archive_with, ArchiveOptions};
 pub use compression::Compression;

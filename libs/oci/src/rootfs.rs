@@ -217,9 +217,15 @@ fn measure_dir(
         usage.inodes += 1;
         usage.bytes += xattr_blocks(&path, bs);
         if ft.is_file() {
-            let blocks = cm.size().div_ceil(bs);
+            // Holes cost nothing: mkfs copies only data (and skips zero blocks in it), so
+            // what the staging file allocates bounds what the image allocates.
+            let blocks = cm.size().div_ceil(bs).min((cm.blocks() * 512).div_ceil(bs));
+            let extents = if blocks < cm.size().div_ceil(bs) {
+                data_regions(&path, blocks)?
+            } else {
+                blocks.div_ceil(EXTENT_BLOCKS)
+            };
             // Four extents live in the inode; more need extent-tree blocks (340 per block).
-            let extents = blocks.div_ceil(EXTENT_BLOCKS);
             let tree = if extents > 4 {
                 extents.div_ceil(340)
             } else {
@@ -237,6 +243,30 @@ fn measure_dir(
     }
     survey.usage.bytes += dir_blocks * bs;
     Ok(())
+}
+
+/// The extents a sparse file needs at least: one per data region, and one per
+/// [`EXTENT_BLOCKS`] within a region (counted with `SEEK_DATA`/`SEEK_HOLE`, at most one
+/// step per allocated block, so a hostile map cannot make this loop long).
+fn data_regions(path: &Path, blocks: u64) -> Result<u64, OciError> {
+    use nix::unistd::{lseek, Whence};
+    let file = fs::File::open(path).map_err(|e| OciError::io("measuring", path, e))?;
+    let mut extents = 0u64;
+    let mut at: i64 = 0;
+    for _ in 0..=blocks {
+        let start = match lseek(&file, at, Whence::SeekData) {
+            Ok(start) => start,
+            // ENXIO: no data past `at`.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(OciError::io("measuring", path, e.into())),
+        };
+        let end = lseek(&file, start, Whence::SeekHole)
+            .map_err(|e| OciError::io("measuring", path, e.into()))?;
+        let len = u64::try_from(end - start).unwrap_or(0);
+        extents += len.div_ceil(4096).div_ceil(EXTENT_BLOCKS).max(1);
+        at = end;
+    }
+    Ok(extents)
 }
 
 /// Data bytes of a symlink with a target of `len` bytes.

@@ -25,8 +25,13 @@ use crate::error::OciError;
 /// How many symlinks one resolution may pass through (Linux's own limit).
 const MAX_SYMLINK_HOPS: usize = 40;
 
+/// The longest name of one directory entry Linux (and ext4) can hold, in bytes.
+const NAME_MAX: usize = 255;
+
 /// Splits an entry name into its components: a leading `/` and `.` components are
-/// dropped, `..` and NUL are refused. No components means the root itself.
+/// dropped; `..`, NUL and a component longer than Linux's 255 bytes are refused. Names
+/// are bytes: any other byte, valid UTF-8 or not, is kept as it is. No components means
+/// the root itself.
 pub(crate) fn split_entry(raw: &[u8]) -> Result<Vec<OsString>, &'static str> {
     if raw.contains(&0) {
         return Err("NUL byte in path");
@@ -36,6 +41,9 @@ pub(crate) fn split_entry(raw: &[u8]) -> Result<Vec<OsString>, &'static str> {
         match part {
             b"" | b"." => {}
             b".." => return Err("'..' component"),
+            other if other.len() > NAME_MAX => {
+                return Err("a name longer than the 255 bytes Linux allows")
+            }
             other => out.push(OsStr::from_bytes(other).to_owned()),
         }
     }
@@ -279,5 +287,14 @@ mod tests {
         assert!(ok("a/../b").is_err());
         assert!(ok("..").is_err());
         assert!(split_entry(b"a\0b").is_err());
+        assert_eq!(
+            split_entry(b"caf\xe9/\xff\xfe").ok(),
+            Some(vec![
+                OsStr::from_bytes(b"caf\xe9").to_owned(),
+                OsStr::from_bytes(b"\xff\xfe").to_owned()
+            ])
+        );
+        assert!(split_entry(&[b'a'; 255]).is_ok());
+        assert!(split_entry(&[b'a'; 256]).is_err());
     }
 }
