@@ -95,6 +95,7 @@ pub(crate) const KEYS: &[(&str, &str, Kind)] = &[
     ("builder", "advertise_addr", Str),
     ("builder", "work_dir", Str),
     ("builder", "rootfs_headroom_mb", Int),
+    ("builder", "max_image_mb", Int),
     ("builder", "metrics_addr", Str),
     ("snapshot_store", "listen_addr", Str),
     ("snapshot_store", "advertise_addr", Str),

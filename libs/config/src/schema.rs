@@ -697,6 +697,10 @@ pub struct BuilderConfig {
     pub work_dir: PathBuf,
     /// Free space left in each root filesystem beyond its contents, in MiB. Default 256.
     pub rootfs_headroom_mb: u64,
+    /// The most file data (MiB, holes not counted) one template's layers may write. The
+    /// other conversion budgets (decompressed bytes, entries, time) are sized from it:
+    /// an image that would cost more is refused, naming the budget. Default 16384.
+    pub max_image_mb: u64,
     /// Where the template-builder serves Prometheus metrics (`GET /metrics`), a listener
     /// of its own. Default: none (no metrics listener).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -710,6 +714,7 @@ impl Default for BuilderConfig {
             advertise_addr: None,
             work_dir: cache("builder"),
             rootfs_headroom_mb: 256,
+            max_image_mb: 16384,
             metrics_addr: None,
         }
     }

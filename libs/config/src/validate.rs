@@ -429,6 +429,7 @@ impl Checker<'_> {
             );
         }
         self.absolute(key("builder", "work_dir"), &c.builder.work_dir);
+        self.at_least(key("builder", "max_image_mb"), c.builder.max_image_mb, 16);
         if let Some(addr) = &c.builder.advertise_addr {
             self.host_port(key("builder", "advertise_addr"), addr, true);
         }

@@ -3,7 +3,11 @@
 //! This is what `umoci unpack` does, written for NanoBox because the result must be exact
 //! (symlinks stay symlinks, hardlinks stay hardlinks, owners, modes, xattrs and device
 //! nodes survive) and because image content is untrusted: every path goes through
-//! [`crate::staging`], and every stream through the caps in [`Limits`].
+//! [`crate::staging`], every stream through the budgets in [`Limits`], and every header
+//! through the bounded reader of [`crate::tar_reader`]. Names are bytes from the tar to
+//! the file system. File data is written with every all-zero block left a hole, and a
+//! sparse entry's holes are never read at all, so a multi-gigabyte sparse or zero-filled
+//! file costs what it allocates.
 //!
 //! Rules, as in the OCI image spec: `.wh.<name>` deletes `<name>` from lower layers,
 //! `.wh..wh..opq` empties its directory of lower-layer content, any other entry replaces

@@ -2,7 +2,7 @@
 //!
 //! An image's layers are applied in order into a private staging directory
 //! ([`LayerApplier`]), exactly as `umoci unpack` would and without ever writing outside
-//! it, whatever the layers contain; the staging tree then becomes an auto-sized ext4
+//! it or past the budgets of [`Limits`], whatever the layers contain; the staging tree then becomes an auto-sized ext4
 //! image with the guest init and the image config injected ([`rootfs`]). Images on disk
 //! in the OCI layout are read, with every blob verified (and every layer's uncompressed
 //! tar checked against the config's `rootfs.diff_ids`), by [`OciLayout`]; images in

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use nanobox_config::Config;
-use nanobox_oci::{ConvertOptions, DockerConfig, Ext4Options, RegistryOptions};
+use nanobox_oci::{
+    ApplyOptions, ConvertOptions, DockerConfig, Ext4Options, Limits, RegistryOptions,
+};
 use nanobox_proto::v1::templates_server::TemplatesServer;
 use nanobox_scheduler::auth::ApiKeys;
 use nanobox_store::metadata::PoolOptions;
@@ -33,7 +35,7 @@ use nanobox_warmup::{Warmer, WarmupConfig};
 )]
 struct Args {
     /// The configuration file (`nanobox.toml`): `[builder]` (listen_addr, work_dir,
-    /// rootfs_headroom_mb, metrics_addr), `[oci]` (init_binary, plain_http_registries,
+    /// rootfs_headroom_mb, max_image_mb, metrics_addr), `[oci]` (init_binary, plain_http_registries,
     /// docker_config, max_parallel), `[database]`, `[object_store]`, `[api]` (api_keys),
     /// `[telemetry]`.
     /// Default: `$NANOBOX_CONFIG`, else `/etc/nanobox/nanobox.toml` if it exists, else the
@@ -107,6 +109,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         init: config.oci.init_binary.clone(),
         registry,
         convert: ConvertOptions {
+            apply: ApplyOptions {
+                limits: Limits::for_image_bytes(
+                    config.builder.max_image_mb.saturating_mul(1 << 20),
+                ),
+                ..ApplyOptions::default()
+            },
             ext4: Ext4Options {
                 headroom_bytes: config.builder.rootfs_headroom_mb.saturating_mul(1 << 20),
                 ..Ext4Options::default()
