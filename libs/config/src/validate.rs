@@ -326,6 +326,17 @@ impl Checker<'_> {
                          absolute path"
                     ),
                 );
+            } else if named && netns.starts_with(&n.netns_prefix) {
+                // The agent removes every namespace with that prefix at start as a
+                // sandbox namespace of a previous run: its own would go with them.
+                self.fail(
+                    k("host_netns"),
+                    format!(
+                        "{netns:?} starts with netns_prefix {:?}: the agent would take it \
+                         for a sandbox namespace and remove it",
+                        n.netns_prefix
+                    ),
+                );
             }
         }
     }

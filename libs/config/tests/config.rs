@@ -377,6 +377,8 @@ fn every_validation_error_names_its_key() {
         ("[network]\nsubnet = \"10.100.0.0/24\"\n", "[network].subnet", 2, "10.100.0.0/24 has room for 253 sandboxes, fewer than [agent] max_sandboxes (1024)"),
         ("[network]\ndefault_rate_limit_mbps = 0\n", "[network].default_rate_limit_mbps", 2, "at least 1"),
         ("[network]\nhost_netns = \"bad name\"\n", "[network].host_netns", 2, "neither a namespace name"),
+        ("[network]\nhost_netns = \"nbx-host\"\n", "[network].host_netns", 2, "starts with netns_prefix \"nbx-\""),
+        ("[builder]\nmax_image_mb = 8\n", "[builder].max_image_mb", 2, "at least 16"),
         ("[oci]\ncache_dir = \"oci\"\n", "[oci].cache_dir", 2, "absolute path"),
         ("[oci]\ninit_binary = \"nanobox-init\"\n", "[oci].init_binary", 2, "absolute path"),
         ("[oci]\ndocker_config = \"config.json\"\n", "[oci].docker_config", 2, "absolute path"),
