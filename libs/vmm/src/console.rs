@@ -1,7 +1,10 @@
 //! Bounded capture of a VM's serial console.
 //!
 //! The guest controls what it prints, so the host keeps only the most recent `limit` bytes.
-//! A guest that floods its console costs the host nothing but the copy.
+//! A guest that floods its console costs the host nothing but the copy. What it printed
+//! is shown only sanitised ([`sanitize`]): terminal escape sequences and other control
+//! characters removed, lines capped, so console text that reaches a log line, a record
+//! or a client's error message can neither forge log lines nor drive a terminal.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -44,14 +47,14 @@ impl ConsoleLog {
         ring.buf.extend(data);
     }
 
-    /// The kept output as text (invalid UTF-8 replaced).
+    /// The kept output as text, sanitised ([`sanitize`]).
     pub fn tail(&self) -> String {
         let ring = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let (a, b) = ring.buf.as_slices();
         let mut bytes = Vec::with_capacity(a.len() + b.len());
         bytes.extend_from_slice(a);
         bytes.extend_from_slice(b);
-        String::from_utf8_lossy(&bytes).into_owned()
+        sanitize(&bytes)
     }
 
     /// Bytes discarded because they fell out of the window.
@@ -61,6 +64,61 @@ impl ConsoleLog {
             .unwrap_or_else(PoisonError::into_inner)
             .dropped
     }
+}
+
+/// The longest console line shown, in characters; the rest of a line becomes "…".
+pub const MAX_LINE_CHARS: usize = 240;
+
+/// Console bytes as text that is safe to log and show: invalid UTF-8 replaced, ANSI
+/// escape sequences (CSI, OSC and two-byte ones) removed, carriage returns and other
+/// control characters except tab and newline dropped, each line cut at
+/// [`MAX_LINE_CHARS`].
+pub fn sanitize(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    let mut line_chars = 0usize;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => match chars.next() {
+                // CSI: parameters and intermediates up to a final byte in @..~.
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC and the other string commands: up to BEL or ESC \.
+                Some(']' | 'P' | 'X' | '^' | '_') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\u{7}' {
+                            break;
+                        }
+                        if c == '\u{1b}' {
+                            chars.next_if_eq(&'\\');
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\n' => {
+                out.push('\n');
+                line_chars = 0;
+            }
+            c if c.is_control() && c != '\t' => {}
+            c => {
+                if line_chars < MAX_LINE_CHARS {
+                    out.push(c);
+                } else if line_chars == MAX_LINE_CHARS {
+                    out.push('…');
+                }
+                line_chars += 1;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -77,5 +135,19 @@ mod tests {
         log.push(b"0123456789abcdef");
         assert_eq!(log.tail(), "89abcdef");
         assert_eq!(log.dropped(), 3 + 8 + 8);
+    }
+
+    #[test]
+    fn console_text_is_sanitised() {
+        let raw = b"\x1b[31mred\x1b[0m ok\r\n\x1b]0;title\x07fake\x08\x00 line\n\ttab\xff";
+        assert_eq!(sanitize(raw), "red ok\nfake line\n\ttab\u{fffd}");
+        let long = "x".repeat(1000) + "\nnext";
+        let clean = sanitize(long.as_bytes());
+        let first = clean.lines().next().unwrap_or("");
+        assert_eq!(first.chars().count(), MAX_LINE_CHARS + 1);
+        assert!(first.ends_with('…'));
+        assert!(clean.ends_with("\nnext"));
+        // A forged log line stays inside the one it was printed on.
+        assert_eq!(sanitize(b"a\rINFO forged"), "aINFO forged");
     }
 }
