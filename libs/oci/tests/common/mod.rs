@@ -541,3 +541,26 @@ pub fn debugfs(image: &Path, request: &str) -> String {
     assert!(out.status.success(), "debugfs {request}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The hardlink groups under `dir` (not following symlinks): the sorted relative paths
+/// of every non-directory inode with more than one name, each group sorted.
+pub fn hardlink_groups(dir: &Path) -> std::collections::BTreeSet<Vec<String>> {
+    let mut by_inode: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
+    for (rel, node) in snapshot(dir, &[]) {
+        if node.kind != "dir" && node.nlink > 1 {
+            let meta = fs::symlink_metadata(dir.join(&rel)).unwrap();
+            by_inode
+                .entry((meta.dev(), meta.ino()))
+                .or_default()
+                .push(rel);
+        }
+    }
+    by_inode
+        .into_values()
+        .filter(|group| group.len() > 1)
+        .map(|mut group| {
+            group.sort();
+            group
+        })
+        .collect()
+}
