@@ -12,18 +12,31 @@
 //! The staging tree is scratch space that `mkfs.ext4 -d` copies and that is deleted
 //! right after, so by default it lives in memory (a tmpfs) when the image fits there
 //! comfortably: creating and deleting thousands of files on a disk file system costs
-//! more than decompressing them, and the tree never needs to survive the call. An image
-//! that outgrows the memory after all is converted again with the staging tree beside
-//! the output.
+//! more than decompressing them, and the tree never needs to survive the call.
+//!
+//! An image too big for memory is staged **hybrid**: the tree (directories, links,
+//! metadata, small files) still in memory, the data of every file of 256 KiB or more in a
+//! file of its own on the disk beside the output, with an empty placeholder in the tree.
+//! mkfs then reads the tree in a private mount namespace of its own where each spill
+//! file is bind-mounted over its placeholder, so it sees one tree and copies it as
+//! usual (hardlinks, owners, xattrs and holes included), while the disk saw a few
+//! hundred file creations instead of thousands. That needs the right to make a mount
+//! namespace (CAP_SYS_ADMIN, as the builder has when run as root outside a container);
+//! without it, or when the tree outgrows its memory budget after all, the tree goes on
+//! the disk whole, as before. An in-memory attempt that runs out of memory is converted
+//! again the same way.
 
+use std::collections::HashMap;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::error::OciError;
 use crate::image::{OciLayout, ResolvedImage};
-use crate::layer::{ApplyOptions, LayerApplier};
+use crate::layer::{ApplyOptions, LayerApplier, Spill};
+use crate::mounts;
 use crate::rootfs::{build_ext4, inject, Ext4Image, Ext4Options};
 
 /// The tmpfs every Linux system has.
@@ -33,6 +46,16 @@ const SHM: &str = "/dev/shm";
 const EXPANSION_ESTIMATE: u64 = 6;
 /// Only this fraction of the available memory may hold a staging tree.
 const MEMORY_SHARE_DIVISOR: u64 = 4;
+/// Hybrid staging: files of at least this size go to the disk.
+const SPILL_MIN_BYTES: u64 = 256 << 10;
+/// Hybrid staging: at most this many spill files (each is a mount in mkfs's namespace,
+/// and Linux allows 100,000 mounts per namespace).
+const SPILL_MAX_FILES: usize = 50_000;
+/// Hybrid staging: the small files kept in memory, at most this share of the available
+/// memory, and within these bounds.
+const SPILL_TREE_DIVISOR: u64 = 8;
+const SPILL_TREE_MIN: u64 = 32 << 20;
+const SPILL_TREE_MAX: u64 = 1 << 30;
 
 /// Options for [`convert`].
 #[derive(Debug, Clone, Default)]
@@ -50,12 +73,15 @@ pub struct ConvertOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Staging {
     /// In /dev/shm (memory) when it is a tmpfs with room for several times the image's
-    /// compressed size and that stays under a quarter of the available memory; else
-    /// beside the output. If the memory runs out anyway, the conversion starts over
-    /// beside the output.
+    /// compressed size and that stays under a quarter of the available memory; else as
+    /// [`Staging::BesideOutput`]. If the memory runs out anyway, the conversion starts
+    /// over as [`Staging::BesideOutput`].
     #[default]
     Auto,
-    /// Beside the output (on the same file system).
+    /// File data beside the output (on the same file system): hybrid when this process
+    /// may make a mount namespace (the tree in memory, large files' data on disk; see the
+    /// module doc), else, or if the hybrid tree outgrows its memory budget, the whole
+    /// tree on disk.
     BesideOutput,
     /// Under this directory (no fallback).
     In(PathBuf),
@@ -72,7 +98,24 @@ pub enum ConvertEvent {
         total: usize,
     },
     /// Every layer is applied; the init is being injected and the ext4 image built.
-    Building,
+    Building {
+        /// Where the staging tree ended up.
+        staging: Staged,
+    },
+}
+
+/// Where a conversion's staging tree was (see [`Staging`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staged {
+    /// Wholly in memory (a tmpfs).
+    Memory,
+    /// Hybrid: the tree in memory, the data of `spilled_files` large files on disk.
+    Hybrid {
+        /// Files whose data went to the disk.
+        spilled_files: usize,
+    },
+    /// Wholly on a disk file system (or in the directory [`Staging::In`] named).
+    Disk,
 }
 
 /// Converts a resolved image into a finished ext4 at `out` (replaced atomically), with
@@ -122,18 +165,48 @@ fn convert_blocking(
         }
         on_event(event);
     };
+    let on_disk = || {
+        if !hybrid_possible() {
+            return attempt(layout, image, init, out, options, beside, None, &report);
+        }
+        match attempt(
+            layout,
+            image,
+            init,
+            out,
+            options,
+            Path::new(SHM),
+            Some(beside),
+            &report,
+        ) {
+            Err(err) if out_of_room(&err) => {
+                tracing::info!(error = %err, "the hybrid staging tree outgrew its budget; converting again with the tree on disk");
+                attempt(layout, image, init, out, options, beside, None, &report)
+            }
+            other => other,
+        }
+    };
     match &options.staging {
-        Staging::BesideOutput => attempt(layout, image, init, out, options, beside, &report),
-        Staging::In(dir) => attempt(layout, image, init, out, options, dir, &report),
+        Staging::BesideOutput => on_disk(),
+        Staging::In(dir) => attempt(layout, image, init, out, options, dir, None, &report),
         Staging::Auto => {
             let compressed: u64 = image.manifest.layers.iter().map(|l| l.size).sum();
             if !fits_in_memory(Path::new(SHM), compressed) {
-                return attempt(layout, image, init, out, options, beside, &report);
+                return on_disk();
             }
-            match attempt(layout, image, init, out, options, Path::new(SHM), &report) {
+            match attempt(
+                layout,
+                image,
+                init,
+                out,
+                options,
+                Path::new(SHM),
+                None,
+                &report,
+            ) {
                 Err(err) if out_of_room(&err) => {
                     tracing::info!(error = %err, "the staging tree outgrew memory; converting again on disk");
-                    attempt(layout, image, init, out, options, beside, &report)
+                    on_disk()
                 }
                 other => other,
             }
@@ -141,7 +214,9 @@ fn convert_blocking(
     }
 }
 
-/// One conversion with the staging tree under `dir`.
+/// One conversion with the staging tree under `dir`, and large files' data under
+/// `spill_in` (hybrid staging) when given.
+#[allow(clippy::too_many_arguments)]
 fn attempt(
     layout: &OciLayout,
     image: &ResolvedImage,
@@ -149,23 +224,45 @@ fn attempt(
     out: &Path,
     options: &ConvertOptions,
     dir: &Path,
+    spill_in: Option<&Path>,
     on_event: &dyn Fn(ConvertEvent),
 ) -> Result<Ext4Image, OciError> {
     let staging = tempfile::Builder::new()
         .prefix(".nanobox-staging-")
         .tempdir_in(dir)
         .map_err(|e| OciError::io("creating a staging directory", dir, e))?;
+    let spill_dir = match spill_in {
+        Some(place) => Some(
+            tempfile::Builder::new()
+                .prefix(".nanobox-spill-")
+                .tempdir_in(place)
+                .map_err(|e| OciError::io("creating a spill directory", place, e))?,
+        ),
+        None => None,
+    };
+    let spill = spill_dir.as_ref().map(|d| {
+        let budget = (mem_available() / SPILL_TREE_DIVISOR).clamp(SPILL_TREE_MIN, SPILL_TREE_MAX);
+        Spill::new(
+            d.path().to_owned(),
+            SPILL_MIN_BYTES,
+            SPILL_MAX_FILES,
+            budget,
+        )
+    });
     let root = staging.path().join("rootfs");
-    let result = stage_and_build(layout, image, init, out, options, &root, on_event);
+    let result = stage_and_build(layout, image, init, out, options, &root, spill, on_event);
     // The image is in place (or the error is the news): a staging tree that cannot be
     // removed is worth a warning, not a failed conversion.
-    let staging_path = staging.path().to_owned();
-    if let Err(e) = staging.close() {
-        tracing::warn!(path = %staging_path.display(), error = %e, "removing the staging directory failed");
+    for dir in std::iter::once(staging).chain(spill_dir) {
+        let path = dir.path().to_owned();
+        if let Err(e) = dir.close() {
+            tracing::warn!(path = %path.display(), error = %e, "removing a staging directory failed");
+        }
     }
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn stage_and_build(
     layout: &OciLayout,
     image: &ResolvedImage,
@@ -173,10 +270,14 @@ fn stage_and_build(
     out: &Path,
     options: &ConvertOptions,
     root: &Path,
+    spill: Option<Spill>,
     on_event: &dyn Fn(ConvertEvent),
 ) -> Result<Ext4Image, OciError> {
     std::fs::create_dir(root).map_err(|e| OciError::io("creating the staging root", root, e))?;
-    let mut applier = LayerApplier::new(root, options.apply)?;
+    let mut applier = match spill {
+        Some(spill) => LayerApplier::with_spill(root, options.apply, spill)?,
+        None => LayerApplier::new(root, options.apply)?,
+    };
     let total = image.manifest.layers.len();
     for n in 0..total {
         // Blob digest and size, and the diff_id of the decompressed tar, are checked as
@@ -186,9 +287,92 @@ fn stage_and_build(
         layout.apply_layer(image, n, &mut applier)?;
         on_event(ConvertEvent::LayerApplied { done: n + 1, total });
     }
-    on_event(ConvertEvent::Building);
+    let staging = match applier.spilled() {
+        Some(spilled) => Staged::Hybrid {
+            spilled_files: spilled.len(),
+        },
+        None if in_memory(root) => Staged::Memory,
+        None => Staged::Disk,
+    };
+    on_event(ConvertEvent::Building { staging });
     inject(root, init, &image.config)?;
-    build_ext4(root, out, &options.ext4)
+    match applier.spilled() {
+        Some(spilled) if !spilled.is_empty() => {
+            let binds = placeholders(root, spilled)?;
+            link_shared(&binds)?;
+            mounts::with_binds(&binds, || build_ext4(root, out, &options.ext4))
+        }
+        _ => build_ext4(root, out, &options.ext4),
+    }
+}
+
+/// The (placeholder, spill file) pairs of the finished tree: every name of every
+/// placeholder still in it. tmpfs never reuses an inode number within a mount's life,
+/// so a placeholder's (device, inode) names it alone; a placeholder is always an empty
+/// regular file, which is checked too.
+fn placeholders(
+    root: &Path,
+    spilled: &HashMap<(u64, u64), PathBuf>,
+) -> Result<Vec<(PathBuf, PathBuf)>, OciError> {
+    let mut binds = Vec::new();
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        let listing = std::fs::read_dir(&dir).map_err(|e| OciError::io("listing", &dir, e))?;
+        for child in listing {
+            let child = child.map_err(|e| OciError::io("listing", &dir, e))?;
+            let path = child.path();
+            let meta =
+                std::fs::symlink_metadata(&path).map_err(|e| OciError::io("lstat", &path, e))?;
+            if meta.is_dir() {
+                dirs.push(path);
+            } else if meta.is_file() && meta.len() == 0 {
+                if let Some(spill) = spilled.get(&(meta.dev(), meta.ino())) {
+                    binds.push((path, spill.clone()));
+                }
+            }
+        }
+    }
+    Ok(binds)
+}
+
+/// Gives every spill file bound under more than one name a second name of its own in
+/// the spill directory: mkfs looks for the other names of a file only when its link
+/// count is above one, and a spill file otherwise has one name, however many
+/// placeholders it stands for (mkfs counts the names it links, not `st_nlink`).
+fn link_shared(binds: &[(PathBuf, PathBuf)]) -> Result<(), OciError> {
+    let mut names: HashMap<&Path, usize> = HashMap::new();
+    for (_, spill) in binds {
+        *names.entry(spill.as_path()).or_default() += 1;
+    }
+    for (spill, count) in names {
+        if count > 1 {
+            let mut other = spill.as_os_str().to_owned();
+            other.push(".link");
+            std::fs::hard_link(spill, &other)
+                .map_err(|e| OciError::io("linking a shared spill file", spill, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `dir` is on a tmpfs.
+fn in_memory(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// Whether hybrid staging can work here: a tmpfs for the tree, and the right to make a
+/// private mount namespace with bind mounts (probed once).
+fn hybrid_possible() -> bool {
+    static POSSIBLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *POSSIBLE.get_or_init(|| {
+        let possible = in_memory(Path::new(SHM)) && mounts::probe();
+        tracing::debug!(
+            possible,
+            "hybrid staging (tree in memory, large files on disk)"
+        );
+        possible
+    })
 }
 
 /// Whether a staging tree for `compressed` bytes of layers fits in the tmpfs at `dir`.

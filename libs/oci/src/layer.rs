@@ -18,12 +18,12 @@
 //! node, a fifo), never what a symlink points to. Directory modes, owners and times are
 //! applied when the layer ends, so read-only directories can still be filled.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -132,6 +132,57 @@ impl Default for ApplyOptions {
     }
 }
 
+/// Where the data of large regular files goes instead of the staging tree (the hybrid
+/// staging of [`crate::convert`]): each such file is written to a file of its own in
+/// `dir` (another file system: the disk), with the entry's metadata, and the tree gets an
+/// empty placeholder with the same name; [`LayerApplier::spilled`] says which spill file
+/// each placeholder inode stands for. Hardlinks to a placeholder stand for the same file.
+///
+/// The tree keeps everything else, and it is meant to live in memory, so it is bounded:
+/// past `max_files` spill files or `max_tree_bytes` of file data kept in the tree, the
+/// layer fails as if its file system were full ([`io::ErrorKind::StorageFull`]), and the
+/// caller converts again with the whole tree on disk.
+#[derive(Debug)]
+pub(crate) struct Spill {
+    pub dir: PathBuf,
+    /// Files of at least this apparent size go to `dir`.
+    pub min_bytes: u64,
+    pub max_files: usize,
+    pub max_tree_bytes: u64,
+    files: HashMap<(u64, u64), PathBuf>,
+    tree_bytes: u64,
+}
+
+impl Spill {
+    pub fn new(dir: PathBuf, min_bytes: u64, max_files: usize, max_tree_bytes: u64) -> Self {
+        Self {
+            dir,
+            min_bytes,
+            max_files,
+            max_tree_bytes,
+            files: HashMap::new(),
+            tree_bytes: 0,
+        }
+    }
+
+    /// Whether a file of `apparent` bytes is spilled; counts it against the tree's budget
+    /// when it is not.
+    fn claim(&mut self, apparent: u64, name: &str) -> Result<bool, OciError> {
+        let full = |op| apply_err(name, op, io::ErrorKind::StorageFull.into());
+        if apparent >= self.min_bytes {
+            if self.files.len() >= self.max_files {
+                return Err(full("spilling a large file (too many)"));
+            }
+            return Ok(true);
+        }
+        self.tree_bytes += apparent;
+        if self.tree_bytes > self.max_tree_bytes {
+            return Err(full("keeping small files in memory"));
+        }
+        Ok(false)
+    }
+}
+
 /// Counts of what was applied, per layer or in total.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LayerStats {
@@ -161,6 +212,7 @@ pub struct LayerApplier {
     /// entries share their parent with the one before, and resolving it again would
     /// `lstat` every component once more.
     parent_cache: Option<ParentCache>,
+    spill: Option<Spill>,
 }
 
 /// A parent resolution, valid while the staging root reports no removal since.
@@ -229,7 +281,24 @@ impl LayerApplier {
             started: None,
             buffer: vec![0; COPY_BUFFER],
             parent_cache: None,
+            spill: None,
         })
+    }
+
+    /// An applier that puts large files' data in `spill`'s directory (see [`Spill`]).
+    pub(crate) fn with_spill(
+        root: &Path,
+        options: ApplyOptions,
+        spill: Spill,
+    ) -> Result<Self, OciError> {
+        let mut applier = Self::new(root, options)?;
+        applier.spill = Some(spill);
+        Ok(applier)
+    }
+
+    /// The spill file of each placeholder, by the placeholder's (device, inode).
+    pub(crate) fn spilled(&self) -> Option<&HashMap<(u64, u64), PathBuf>> {
+        self.spill.as_ref().map(|s| &s.files)
     }
 
     /// The staging directory.
@@ -432,6 +501,24 @@ impl LayerApplier {
                     other => other,
                 }
                 .map_err(|e| apply_err(name, "creating a file", e))?;
+                let spilled = match &mut self.spill {
+                    Some(spill) => spill.claim(apparent, name)?,
+                    None => false,
+                };
+                let file = match &mut self.spill {
+                    Some(spill) if spilled => {
+                        let placeholder =
+                            file.metadata().map_err(|e| apply_err(name, "lstat", e))?;
+                        let path = spill.dir.join(spill.files.len().to_string());
+                        let data = create_file(&path)
+                            .map_err(|e| apply_err(name, "creating a spill file", e))?;
+                        spill
+                            .files
+                            .insert((placeholder.dev(), placeholder.ino()), path);
+                        data
+                    }
+                    _ => file,
+                };
                 let used = self.total.file_bytes + state.stats.file_bytes;
                 let written = self.write_file(tar, header, &file, name, used)?;
                 state.stats.file_bytes += written;

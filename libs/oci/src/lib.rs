@@ -17,6 +17,7 @@ mod diff_id;
 mod error;
 pub mod image;
 pub mod layer;
+mod mounts;
 pub mod registry;
 pub mod rootfs;
 mod staging;
@@ -24,7 +25,7 @@ mod tar_reader;
 
 pub use archive::{import_docker_archive, import_docker_archive_with, ArchiveOptions};
 pub use compression::Compression;
-pub use convert::{convert, ConvertEvent, ConvertOptions, Staging};
+pub use convert::{convert, ConvertEvent, ConvertOptions, Staged, Staging};
 pub use error::{LimitKind, OciError};
 pub use image::{Descriptor, Manifest, OciLayout, Platform, ResolvedImage, VerifiedBlob};
 pub use layer::{ApplyOptions, LayerApplier, LayerStats, Limits};

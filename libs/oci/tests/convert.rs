@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use common::{debugfs, fsck, snapshot, test_image, write_oci_layout, Sandbox};
-use nanobox_oci::{convert, ConvertEvent, ConvertOptions, OciLayout, Platform, Staging};
+use nanobox_oci::{convert, ConvertEvent, ConvertOptions, OciLayout, Platform, Staged, Staging};
 
 /// Names in `dir` that look like leftovers of a conversion.
 fn leftovers(dir: &Path) -> Vec<String> {
@@ -63,7 +63,9 @@ async fn converts_a_multi_layer_image_reporting_progress_in_order() {
             ConvertEvent::LayerApplied { done: 1, total: 3 },
             ConvertEvent::LayerApplied { done: 2, total: 3 },
             ConvertEvent::LayerApplied { done: 3, total: 3 },
-            ConvertEvent::Building,
+            ConvertEvent::Building {
+                staging: Staged::Memory
+            },
         ]
     );
     assert_eq!(built.path, out);
@@ -133,7 +135,11 @@ async fn a_failed_conversion_leaves_nothing_behind() {
         ),
         "{err:?}"
     );
-    assert!(!events.lock().unwrap().contains(&ConvertEvent::Building));
+    assert!(!events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, ConvertEvent::Building { .. })));
     assert!(!out.exists());
     assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));
 }

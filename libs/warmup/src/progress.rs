@@ -186,7 +186,7 @@ impl Tracker {
                 ConvertEvent::LayerApplied { done, .. } => shared
                     .layers_done
                     .store(u32::try_from(done).unwrap_or(u32::MAX), Ordering::Relaxed),
-                ConvertEvent::Building => shared
+                ConvertEvent::Building { .. } => shared
                     .pending_state
                     .store(encode(TemplateState::Building), Ordering::Release),
             }
