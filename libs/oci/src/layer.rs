@@ -861,7 +861,8 @@ impl LayerApplier {
                 value,
                 rustix::fs::XattrFlags::empty(),
             ) {
-                // Linux allows no user.* attributes on symlinks; umoci skips them too.
+                // Linux allows no user.* attributes on symlinks: skipped (umoci 0.4.7
+                // fails the whole unpack instead).
                 if symlink && key.as_bytes().starts_with(b"user.") {
                     continue;
                 }
@@ -1071,7 +1072,13 @@ fn meta_of(header: &Header, name: &str) -> Result<Meta, OciError> {
     })
 }
 
-/// The entry's extended attributes, within the budget.
+/// Extended attributes a layer may not set: overlayfs's own metadata (`trusted.overlay.*`,
+/// and `user.overlay.*` for overlays mounted with `userxattr`). In a root file system
+/// they would make an overlay in the guest see whiteouts and opaque directories that the
+/// image's layers never expressed; umoci refuses them too.
+const FORBIDDEN_XATTR_PREFIXES: [&[u8]; 2] = [b"trusted.overlay.", b"user.overlay."];
+
+/// The entry's extended attributes, within the budget, without the forbidden ones.
 fn xattrs_of(header: &Header, name: &str, max: u64) -> Result<Vec<(OsString, Vec<u8>)>, OciError> {
     let total: u64 = header
         .xattrs
@@ -1084,6 +1091,7 @@ fn xattrs_of(header: &Header, name: &str, max: u64) -> Result<Vec<(OsString, Vec
     Ok(header
         .xattrs
         .iter()
+        .filter(|(k, _)| !FORBIDDEN_XATTR_PREFIXES.iter().any(|p| k.starts_with(p)))
         .map(|(k, v)| (OsStr::from_bytes(k).to_owned(), v.clone()))
         .collect())
 }

@@ -283,7 +283,22 @@ impl<R: Read> TarReader<R> {
         self.last = String::from_utf8_lossy(&path).into_owned();
         header.path = path;
         let mut pax_sparse = PaxSparse::default();
-        for (key, value) in &pending.pax {
+        // POSIX pax: a record with an empty value deletes its keyword (an xattr that is
+        // not there; a field back to the header's value), as Go's reader, and so umoci
+        // and containerd, read it.
+        let records: Vec<&Record> = pending
+            .pax
+            .iter()
+            .enumerate()
+            .filter(|(i, (key, value))| {
+                !value.is_empty()
+                    && !pending.pax[i + 1..]
+                        .iter()
+                        .any(|(k, v)| k == key && v.is_empty())
+            })
+            .map(|(_, record)| record)
+            .collect();
+        for (key, value) in records {
             if let Some(name) = key.strip_prefix(XATTR_PREFIX) {
                 header.xattrs.push((name.to_vec(), value.clone()));
                 continue;
