@@ -6,7 +6,9 @@
 //! image layout: the system from `debootstrap` (from the same mirror apt uses), then an
 //! application layer. It is cached under the NanoBox cache directory, keyed by
 //! [`DEBIAN_NODE_VERSION`], and built into a temporary directory that is renamed into place,
-//! so concurrent test processes never see half an image.
+//! so concurrent test processes never see half an image. [`debian_large_layout`] is that
+//! image with a third layer of generated files, over 2 GB unpacked, for the benchmark of
+//! large conversions.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +17,9 @@ use crate::process::run_command;
 
 /// Bump when the recipe below changes, so cached images are rebuilt.
 pub const DEBIAN_NODE_VERSION: u32 = 1;
+
+/// Bump when the recipe of [`debian_large_layout`] changes.
+pub const DEBIAN_LARGE_VERSION: u32 = 1;
 
 /// The tag of the image in the layout.
 pub const DEBIAN_NODE_TAG: &str = "v1";
@@ -113,6 +118,79 @@ pub fn debian_node_layout() -> PathBuf {
         );
     }
     out
+}
+
+/// The Debian + Node.js image with a third layer under `/opt/data`: 160 files of 12 MiB
+/// of incompressible bytes and 4,096 text files of 32 KiB, about 2.3 GB unpacked in all.
+/// Cached like [`debian_node_layout`] (building it takes a few minutes). Tag `v1`.
+pub fn debian_large_layout() -> PathBuf {
+    let dir = nanobox_core::cache_dir().join("images");
+    let out = dir.join(format!("debian-large-v{DEBIAN_LARGE_VERSION}"));
+    if out.join("index.json").is_file() {
+        return out;
+    }
+    let base = debian_node_layout();
+    let work = tempfile::Builder::new()
+        .prefix(".debian-large-")
+        .tempdir_in(&dir)
+        .unwrap_or_else(|e| panic!("work dir in {}: {e}", dir.display()));
+    let layout = work.path().join("layout");
+    run_command(Command::new("cp").arg("-a").arg(&base).arg(&layout));
+    let image = format!("{}:{DEBIAN_NODE_TAG}", layout.display());
+    let bundle = work.path().join("bundle");
+    run_command(
+        Command::new("umoci")
+            .args(["unpack", "--image", &image])
+            .arg(&bundle),
+    );
+    generate_data(&bundle.join("rootfs/opt/data"));
+    run_command(
+        Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle),
+    );
+    if std::fs::rename(&layout, &out).is_err() {
+        assert!(
+            out.join("index.json").is_file(),
+            "could not place {}",
+            out.display()
+        );
+    }
+    out
+}
+
+/// The generated files of [`debian_large_layout`] (deterministic).
+fn generate_data(dir: &Path) {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut block = vec![0u8; 1 << 20];
+    for i in 0..160 {
+        let path = dir.join(format!("blob-{i:03}.bin"));
+        let mut f = std::fs::File::create(&path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        for _ in 0..12 {
+            for word in block.chunks_exact_mut(8) {
+                word.copy_from_slice(&next().to_le_bytes());
+            }
+            f.write_all(&block)
+                .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        }
+    }
+    for i in 0..4096 {
+        let sub = dir.join(format!("text/{:02}", i % 64));
+        std::fs::create_dir_all(&sub).unwrap_or_else(|e| panic!("mkdir {}: {e}", sub.display()));
+        let line = format!("line of file {i}: {:016x}\n", next());
+        let text = line.repeat((32 << 10) / line.len());
+        std::fs::write(sub.join(format!("{i}.txt")), text)
+            .unwrap_or_else(|e| panic!("writing text {i}: {e}"));
+    }
 }
 
 fn build(work: &Path) {
