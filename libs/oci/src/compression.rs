@@ -273,6 +273,13 @@ pub(crate) fn decompress<R: Read + Send + 'static>(
     Ok(Decompressed { reader })
 }
 
+/// Reads `reader` on a thread of its own, a few chunks ahead of the caller: for a blob
+/// that is hashed as it is read (its digest check), so that hashing runs beside the
+/// decompression (and the diff_id hash) instead of in turn with them.
+pub(crate) fn read_ahead<R: Read + Send + 'static>(reader: R) -> io::Result<impl Read + Send> {
+    Pipelined::spawn(Box::new(reader))
+}
+
 /// Wraps a blob in the right decoder (on its own thread) and the caps.
 pub(crate) fn decoder<R: Read + Send + 'static>(
     blob: R,

@@ -17,7 +17,7 @@ use nanobox_core::ImageConfig;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use crate::compression::Compression;
+use crate::compression::{read_ahead, Compression};
 use crate::diff_id::{DiffIdReader, Expected};
 use crate::error::OciError;
 use crate::layer::{LayerApplier, LayerStats};
@@ -282,6 +282,10 @@ impl OciLayout {
             digest: layer.digest.clone(),
             diff_id,
         };
+        // Three stages on three threads: read and hash the blob, decompress and hash the
+        // tar, apply it.
+        let blob =
+            read_ahead(blob).map_err(|e| OciError::io("reading a layer", &layer.digest, e))?;
         let tar = DiffIdReader::new(blob, compression, expected)?;
         let tar_verdict = tar.verdict();
         let result = applier.apply(tar, Compression::None);
