@@ -348,14 +348,12 @@ impl<R: Read> TarReader<R> {
         } else {
             Vec::new()
         };
-        if matches!(
-            kind,
-            Kind::Hardlink | Kind::Symlink | Kind::Char | Kind::Block | Kind::Fifo
-        ) {
-            // These have no data; some writers put their target's size here anyway.
+        if kind != Kind::Regular && flag != b'D' {
+            // Header-only types: no data follows, whatever the size field says (some
+            // writers put a hardlink target's size there). POSIX says so, and Go's
+            // reader, which umoci and containerd use, reads them that way.
             self.remaining = 0;
             self.padding = 0;
-            self.skip_data(header.size)?;
             header.size = 0;
             return Ok(header);
         }
@@ -406,7 +404,7 @@ impl<R: Read> TarReader<R> {
             validate_sparse(sparse, header.size).map_err(|r| self.bad_header(r))?;
         }
         if kind == Kind::Directory {
-            // A dumpdir's listing (or any data a directory claims) is not applied.
+            // A GNU dumpdir's listing is not applied.
             let rest = self.remaining;
             self.remaining = 0;
             self.padding = 0;
@@ -858,6 +856,56 @@ mod tests {
         assert_eq!(parse_pax_time("12"), Some((12, 0)));
         assert_eq!(parse_pax_time("-1.25"), Some((-2, 750_000_000)));
         assert!(parse_pax_time("x").is_none());
+    }
+
+    /// A ustar header block for `name` of type `flag` claiming `size` bytes.
+    fn block(name: &str, flag: u8, size: u64) -> Vec<u8> {
+        let mut b = vec![0u8; BLOCK];
+        b[..name.len()].copy_from_slice(name.as_bytes());
+        b[100..107].copy_from_slice(b"0000644");
+        b[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+        b[136..147].copy_from_slice(b"00000000000");
+        b[156] = flag;
+        b[257..263].copy_from_slice(b"ustar\0");
+        b[263..265].copy_from_slice(b"00");
+        b[148..156].copy_from_slice(b"        ");
+        let sum: u32 = b.iter().map(|x| u32::from(*x)).sum();
+        b[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        b
+    }
+
+    #[test]
+    fn header_only_types_carry_no_data_whatever_their_size_says() {
+        let mut tar = block("link", b'1', 1000);
+        tar[157..163].copy_from_slice(b"target");
+        let sum: u32 = {
+            let mut t = tar.clone();
+            t[148..156].copy_from_slice(b"        ");
+            t.iter().map(|x| u32::from(*x)).sum()
+        };
+        tar[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        tar.extend(block("dir/", b'5', 512));
+        tar.extend(block("file", b'0', 3));
+        tar.extend(b"abc");
+        tar.extend(vec![0u8; BLOCK - 3 + 2 * BLOCK]);
+        let limits = ReaderLimits {
+            max_header_bytes: 1 << 20,
+        };
+        let mut reader = TarReader::new(&tar[..], limits);
+        let mut seen = Vec::new();
+        while let Some(h) = reader.next_entry().unwrap() {
+            let mut data = vec![0u8; 16];
+            let n = reader.read_data(&mut data).unwrap();
+            seen.push((h.display_name(), h.kind, h.size, data[..n].to_vec()));
+        }
+        assert_eq!(
+            seen,
+            [
+                ("link".to_owned(), Kind::Hardlink, 0, vec![]),
+                ("dir/".to_owned(), Kind::Directory, 0, vec![]),
+                ("file".to_owned(), Kind::Regular, 3, b"abc".to_vec()),
+            ]
+        );
     }
 
     #[test]
