@@ -165,45 +165,31 @@ fn convert_blocking(
         }
         on_event(event);
     };
+    // One attempt with the tree under `dir` and large files' data under `spill`.
+    let try_in = |dir: &Path, spill: Option<&Path>| {
+        attempt(layout, image, init, out, options, dir, spill, &report)
+    };
     let on_disk = || {
         if !hybrid_possible() {
-            return attempt(layout, image, init, out, options, beside, None, &report);
+            return try_in(beside, None);
         }
-        match attempt(
-            layout,
-            image,
-            init,
-            out,
-            options,
-            Path::new(SHM),
-            Some(beside),
-            &report,
-        ) {
+        match try_in(Path::new(SHM), Some(beside)) {
             Err(err) if out_of_room(&err) => {
                 tracing::info!(error = %err, "the hybrid staging tree outgrew its budget; converting again with the tree on disk");
-                attempt(layout, image, init, out, options, beside, None, &report)
+                try_in(beside, None)
             }
             other => other,
         }
     };
     match &options.staging {
         Staging::BesideOutput => on_disk(),
-        Staging::In(dir) => attempt(layout, image, init, out, options, dir, None, &report),
+        Staging::In(dir) => try_in(dir, None),
         Staging::Auto => {
             let compressed: u64 = image.manifest.layers.iter().map(|l| l.size).sum();
             if !fits_in_memory(Path::new(SHM), compressed) {
                 return on_disk();
             }
-            match attempt(
-                layout,
-                image,
-                init,
-                out,
-                options,
-                Path::new(SHM),
-                None,
-                &report,
-            ) {
+            match try_in(Path::new(SHM), None) {
                 Err(err) if out_of_room(&err) => {
                     tracing::info!(error = %err, "the staging tree outgrew memory; converting again on disk");
                     on_disk()

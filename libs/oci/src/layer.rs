@@ -961,32 +961,29 @@ fn write_segment<R: Read>(
             }
         }
         // Runs of data blocks, cut at block boundaries of the file, each written at once.
-        let mut pos = 0usize;
-        let mut run: Option<usize> = None;
-        while pos < want {
+        let block_end = |pos: usize| {
             let at = offset + pos as u64;
-            let end = (want as u64).min((at / HOLE_BLOCK + 1) * HOLE_BLOCK - offset) as usize;
-            let data = !is_zero(&chunk[pos..end]);
-            match (data, run) {
-                (true, None) => run = Some(pos),
-                (false, Some(start)) => {
-                    written += write_run(
-                        file,
-                        &chunk[start..pos],
-                        offset + start as u64,
-                        written,
-                        budget,
-                    )?;
-                    run = None;
-                }
-                _ => {}
+            (want as u64).min((at / HOLE_BLOCK + 1) * HOLE_BLOCK - offset) as usize
+        };
+        let mut pos = 0usize;
+        while pos < want {
+            let end = block_end(pos);
+            if is_zero(&chunk[pos..end]) {
+                pos = end;
+                continue;
             }
+            let start = pos;
             pos = end;
-        }
-        if let Some(start) = run {
+            while pos < want {
+                let end = block_end(pos);
+                if is_zero(&chunk[pos..end]) {
+                    break;
+                }
+                pos = end;
+            }
             written += write_run(
                 file,
-                &chunk[start..want],
+                &chunk[start..pos],
                 offset + start as u64,
                 written,
                 budget,

@@ -16,7 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fsck, Layer, Sandbox};
+use common::{debugfs_raw, fsck, gnu_tar, Layer, Sandbox};
 use nanobox_oci::{build_ext4, ApplyOptions, Compression, Ext4Options, LayerApplier, OciError};
 
 /// The names, relative to `d/`, every variant carries.
@@ -62,22 +62,6 @@ fn source(dir: &Path, longest: bool) {
     .unwrap();
 }
 
-fn gnu_tar(dir: &Path, format: &str) -> Vec<u8> {
-    let out = Command::new("tar")
-        .current_dir(dir)
-        .env("LANG", "C")
-        .env("LC_ALL", "C")
-        .args([format, "--owner=0", "--group=0", "-cf", "-", "d"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tar {format}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 /// Python's tarfile, PAX format: names that are not UTF-8 get `hdrcharset=BINARY`.
 fn python_pax(dir: &Path) -> Vec<u8> {
     let out = Command::new("python3")
@@ -116,18 +100,6 @@ fn convert(sb: &Sandbox, layer: Vec<u8>, tag: &str) -> PathBuf {
     build_ext4(&root, &image, &Ext4Options::default()).unwrap();
     fsck(&image);
     image
-}
-
-/// `debugfs -R <request>`'s stdout, bytes as they are.
-fn debugfs_raw(image: &Path, request: &[u8]) -> Vec<u8> {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(std::ffi::OsStr::from_bytes(request))
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    out.stdout
 }
 
 /// Entries of a directory in the image: (name, inode, link count from `stat`).
@@ -224,9 +196,17 @@ fn names_that_are_not_utf8_arrive_byte_exact_in_every_tar_format() {
     let short = tempfile::tempdir().unwrap();
     source(short.path(), false);
     let variants = [
-        ("ustar", gnu_tar(short.path(), "--format=ustar"), false),
-        ("gnu", gnu_tar(src.path(), "--format=gnu"), true),
-        ("pax-gnu-tar", gnu_tar(src.path(), "--format=posix"), true),
+        (
+            "ustar",
+            gnu_tar(short.path(), &["--format=ustar"], "d"),
+            false,
+        ),
+        ("gnu", gnu_tar(src.path(), &["--format=gnu"], "d"), true),
+        (
+            "pax-gnu-tar",
+            gnu_tar(src.path(), &["--format=posix"], "d"),
+            true,
+        ),
         ("pax-python", python_pax(src.path()), true),
     ];
     for (tag, layer, longest) in variants {

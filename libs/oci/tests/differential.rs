@@ -20,10 +20,11 @@ mod differential {
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
-use common::{hardlink_groups, sha256_hex, snapshot, write_oci_layout, LayerBlob, Sandbox};
+use common::{
+    hardlink_groups, sha256_hex, snapshot, umoci_unpack, write_oci_layout, LayerBlob, Sandbox,
+};
 use differential::generator::{capability, layers, Codec, GenLayer};
 use nanobox_oci::{ApplyOptions, Compression, LayerApplier};
 
@@ -215,18 +216,7 @@ fn nanobox_equals_umoci_on_generated_edge_cases() {
     let layout = sb.scratch.join("layout");
     write_oci_layout(&layout, "diff", &umoci_blobs);
     let bundle = sb.scratch.join("bundle");
-    let out = Command::new("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(format!("{}:diff", layout.display()))
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "umoci unpack: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    umoci_unpack(&layout, "diff", &bundle);
 
     let mut applier = LayerApplier::new(&sb.root, ApplyOptions::default()).unwrap();
     for (layer, blob) in generated.iter().zip(&blobs) {

@@ -15,10 +15,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use common::{capability, fsck, sha256_hex, write_oci_layout, Layer, LayerBlob, Sandbox};
+use common::{
+    capability, debugfs_raw, fsck, sha256_hex, write_oci_layout, Layer, LayerBlob, Sandbox,
+};
 use nanobox_oci::{convert, ConvertEvent, ConvertOptions, OciLayout, Platform, Staged, Staging};
 
 const MIB: usize = 1 << 20;
@@ -98,20 +99,6 @@ async fn convert_with(
     (out, staged)
 }
 
-fn debugfs_raw(image: &Path, request: &str) -> Vec<u8> {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(request)
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "debugfs {request}");
-    out.stdout
-}
-
-/// Every entry of the image: path -> description, and the hardlink groups (paths
-/// sharing an inode, as sorted lists). Inodes are addressed by number (`<N>`), so any
-/// name works, a line break included.
 /// Path -> description, and the hardlink groups.
 type Described = (BTreeMap<Vec<u8>, String>, Vec<Vec<Vec<u8>>>);
 
@@ -120,7 +107,7 @@ fn describe(image: &Path) -> Described {
     let mut by_inode: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
     let mut dirs = vec![(2u64, Vec::new())];
     while let Some((ino, path)) = dirs.pop() {
-        let listing = debugfs_raw(image, &format!("ls -p <{ino}>"));
+        let listing = debugfs_raw(image, format!("ls -p <{ino}>").as_bytes());
         // "/ino/mode/uid/gid/name/size/\n" per entry; a name holds anything but '/'.
         let fields: Vec<&[u8]> = listing.split(|b| *b == b'/').collect();
         let mut i = 1;
@@ -150,20 +137,23 @@ fn describe(image: &Path) -> Described {
             let mut full = path.clone();
             full.push(b'/');
             full.extend_from_slice(&name);
-            let stat = String::from_utf8_lossy(&debugfs_raw(image, &format!("stat <{child}>")))
-                .into_owned();
+            let stat =
+                String::from_utf8_lossy(&debugfs_raw(image, format!("stat <{child}>").as_bytes()))
+                    .into_owned();
             let links = stat
                 .split("Links: ")
                 .nth(1)
                 .and_then(|s| s.split_whitespace().next())
                 .unwrap_or("?")
                 .to_owned();
-            let xattrs =
-                String::from_utf8_lossy(&debugfs_raw(image, &format!("ea_list <{child}>")))
-                    .into_owned();
+            let xattrs = String::from_utf8_lossy(&debugfs_raw(
+                image,
+                format!("ea_list <{child}>").as_bytes(),
+            ))
+            .into_owned();
             let kind = mode >> 12;
             let content = match kind {
-                0o10 => sha256_hex(&debugfs_raw(image, &format!("cat <{child}>"))),
+                0o10 => sha256_hex(&debugfs_raw(image, format!("cat <{child}>").as_bytes())),
                 0o12 => stat
                     .lines()
                     .find(|l| l.contains("link dest"))
@@ -247,7 +237,7 @@ async fn hybrid_staging_makes_the_image_memory_and_disk_staging_make() {
         assert_eq!(entries.len(), reference.len(), "{name}: entry count");
     }
     // Holes stay holes through the spill: 2 MiB apparent, one data block.
-    let stat = String::from_utf8_lossy(&debugfs_raw(&hybrid, "stat /big/holes")).into_owned();
+    let stat = String::from_utf8_lossy(&debugfs_raw(&hybrid, b"stat /big/holes")).into_owned();
     let blocks: u64 = stat
         .split("Blockcount: ")
         .nth(1)

@@ -18,7 +18,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fsck, Sandbox};
+use common::{fsck, gnu_tar, Sandbox};
 use nanobox_oci::{build_ext4, ApplyOptions, Compression, Ext4Options, LayerApplier};
 
 const BLOCK: u64 = 4096;
@@ -55,22 +55,6 @@ fn write_source(dir: &Path, name: &str, file: &SparseFile) {
         f.seek(SeekFrom::Start(*offset)).unwrap();
         f.write_all(data).unwrap();
     }
-}
-
-/// `tar <args> -cf - <member>` run in `dir`, by GNU tar.
-fn gnu_tar(dir: &Path, args: &[&str], member: &str) -> Vec<u8> {
-    let out = Command::new("tar")
-        .current_dir(dir)
-        .args(args)
-        .args(["--owner=0", "--group=0", "-cf", "-", member])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tar {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 fn gzip(data: &[u8]) -> Vec<u8> {

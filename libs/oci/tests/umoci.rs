@@ -7,9 +7,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{capability, snapshot, test_image, write_oci_layout, Sandbox};
+use common::{capability, snapshot, test_image, umoci_unpack, write_oci_layout, Sandbox};
 use nanobox_oci::{ApplyOptions, Compression, LayerApplier};
 
 #[test]
@@ -20,18 +18,7 @@ fn staging_tree_equals_umoci_unpack() {
     write_oci_layout(&layout, "test", &layers);
 
     let bundle = sb.scratch.join("bundle");
-    let out = Command::new("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(format!("{}:test", layout.display()))
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "umoci unpack: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    umoci_unpack(&layout, "test", &bundle);
 
     let mut applier = LayerApplier::new(&sb.root, ApplyOptions::default()).unwrap();
     for layer in &layers {

@@ -108,16 +108,20 @@ pub fn debian_node_layout() -> PathBuf {
         .tempdir_in(&dir)
         .unwrap_or_else(|e| panic!("work dir in {}: {e}", dir.display()));
     build(work.path());
-    // Another process may have finished first: then keep theirs.
-    let layout = work.path().join("layout");
-    if std::fs::rename(&layout, &out).is_err() {
+    place(&work.path().join("layout"), &out);
+    out
+}
+
+/// Renames a finished layout into its cached place; another process may have finished
+/// first, and then theirs is kept.
+fn place(layout: &Path, out: &Path) {
+    if std::fs::rename(layout, out).is_err() {
         assert!(
             out.join("index.json").is_file(),
             "could not place {}",
             out.display()
         );
     }
-    out
 }
 
 /// The Debian + Node.js image with a third layer under `/opt/data`: 160 files of 12 MiB
@@ -149,13 +153,7 @@ pub fn debian_large_layout() -> PathBuf {
             .args(["repack", "--image", &image])
             .arg(&bundle),
     );
-    if std::fs::rename(&layout, &out).is_err() {
-        assert!(
-            out.join("index.json").is_file(),
-            "could not place {}",
-            out.display()
-        );
-    }
+    place(&layout, &out);
     out
 }
 

@@ -532,14 +532,58 @@ pub fn fsck(image: &Path) {
 /// What `debugfs -R <request>` prints about the ext4 `image` (names need not be UTF-8:
 /// the output is read lossily).
 pub fn debugfs(image: &Path, request: &str) -> String {
+    String::from_utf8_lossy(&debugfs_raw(image, request.as_bytes())).into_owned()
+}
+
+/// [`debugfs`], bytes in and out as they are (debugfs prints names raw).
+pub fn debugfs_raw(image: &Path, request: &[u8]) -> Vec<u8> {
     let out = Command::new("debugfs")
         .arg("-R")
-        .arg(request)
+        .arg(std::ffi::OsStr::from_bytes(request))
         .arg(image)
         .output()
         .unwrap();
-    assert!(out.status.success(), "debugfs {request}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    assert!(
+        out.status.success(),
+        "debugfs {}",
+        String::from_utf8_lossy(request)
+    );
+    out.stdout
+}
+
+/// `tar <args> --owner=0 --group=0 -cf - <member>` run by GNU tar in `dir`, in the C
+/// locale (names are bytes); returns the archive.
+pub fn gnu_tar(dir: &Path, args: &[&str], member: &str) -> Vec<u8> {
+    let out = Command::new("tar")
+        .current_dir(dir)
+        .env("LANG", "C")
+        .env("LC_ALL", "C")
+        .args(args)
+        .args(["--owner=0", "--group=0", "-cf", "-", member])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tar {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `umoci unpack --image <layout>:<tag> <bundle>`, which must succeed.
+pub fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) {
+    let out = Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(bundle)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umoci unpack: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The hardlink groups under `dir` (not following symlinks): the sorted relative paths
