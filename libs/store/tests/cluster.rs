@@ -8,6 +8,7 @@ use nanobox_core::{
 };
 use nanobox_store::metadata::{
     NewSandbox, NodeObserved, NodeReport, PoolOptions, SandboxFilter, SandboxObservation,
+    TemplateUsers,
 };
 use nanobox_store::MetadataStore;
 use nanobox_testkit::postgres::Postgres;
@@ -549,4 +550,62 @@ async fn pause_and_resume_are_compare_and_set() {
         .await
         .unwrap_or_else(|e| panic!("{e:?}"))
         .is_none());
+}
+
+#[tokio::test]
+async fn template_users_count_live_sandboxes_and_pools_of_nodes_not_lost() {
+    let (_pg, _config, store) = fresh().await;
+    let busybox = TemplateName::new("busybox").unwrap_or_else(|e| panic!("{e:?}"));
+    let users = |store: &MetadataStore| {
+        let store = store.clone();
+        let name = busybox.clone();
+        async move {
+            store
+                .template_users(&name)
+                .await
+                .unwrap_or_else(|e| panic!("{e:?}"))
+        }
+    };
+    assert_eq!(users(&store).await, TemplateUsers::default());
+    // A node with two ready pool VMs of it.
+    store
+        .report_node(&report("node-a"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(users(&store).await.pool_vms, 2);
+    // Two sandboxes of it and one of another template; one of them then stops.
+    let (one, _) = store
+        .insert_sandbox(&new_sandbox("node-a", "busybox"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    store
+        .insert_sandbox(&new_sandbox("node-a", "busybox"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    store
+        .insert_sandbox(&new_sandbox("node-a", "other"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(
+        users(&store).await,
+        TemplateUsers {
+            sandboxes: 2,
+            pool_vms: 2
+        }
+    );
+    let stopped = SandboxObservation {
+        state: Some(SandboxState::Stopped),
+        ..SandboxObservation::default()
+    };
+    store
+        .observe_sandbox(&one.id, &stopped)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(users(&store).await.sandboxes, 1);
+    // A lost node's pools count for nothing (its live sandboxes are marked LOST too).
+    store
+        .mark_silent_nodes_lost(Duration::ZERO, "gone")
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(users(&store).await, TemplateUsers::default());
 }

@@ -13,6 +13,17 @@ pub enum WarmupError {
     /// No template and no warmup of that name.
     #[error("template {0} not found")]
     NotFound(TemplateName),
+    /// The template still has sandboxes or pool VMs, and the delete was not forced.
+    #[error(
+        "template {template} is in use by {sandboxes} sandbox(es) and {pool_vms} pool VM(s); \
+         delete it with force to remove it anyway (its sandboxes keep running, and nodes \
+         retire its pools)"
+    )]
+    InUse {
+        template: TemplateName,
+        sandboxes: u64,
+        pool_vms: u64,
+    },
     /// Pulling or converting the image failed (registry errors, hostile layers, limits).
     #[error(transparent)]
     Image(#[from] nanobox_oci::OciError),

@@ -403,8 +403,21 @@ impl Warmer {
     }
 
     /// Removes template `name`: cancels its warmup if one runs, deletes its row, and
-    /// deletes its root filesystem objects when no other template uses them.
-    pub async fn delete(&self, name: &TemplateName) -> Result<(), WarmupError> {
+    /// deletes its root filesystem objects when no other template uses them. Refused
+    /// ([`WarmupError::InUse`]) while sandboxes of it are live or nodes hold pool VMs of
+    /// it, unless `force`: then those sandboxes keep running on the nodes' cached copies,
+    /// and the nodes retire the pools of a template that is gone.
+    pub async fn delete(&self, name: &TemplateName, force: bool) -> Result<(), WarmupError> {
+        if !force {
+            let users = self.inner.meta.template_users(name).await?;
+            if users.sandboxes > 0 || users.pool_vms > 0 {
+                return Err(WarmupError::InUse {
+                    template: name.clone(),
+                    sandboxes: users.sandboxes,
+                    pool_vms: users.pool_vms,
+                });
+            }
+        }
         let cancelled = lock(&self.inner.running).remove(name);
         if let Some(running) = &cancelled {
             running.abort.abort();

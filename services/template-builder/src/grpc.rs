@@ -27,6 +27,7 @@ fn status(err: WarmupError) -> Status {
     match err {
         WarmupError::InvalidArgument { .. } => Status::invalid_argument(message),
         WarmupError::NotFound(_) => Status::not_found(message),
+        WarmupError::InUse { .. } => Status::failed_precondition(message),
         ref e if e.is_unavailable() => Status::unavailable(message),
         _ => Status::internal(message),
     }
@@ -122,8 +123,12 @@ impl Templates for TemplatesService {
         &self,
         request: Request<v1::DeleteTemplateRequest>,
     ) -> Result<Response<v1::DeleteTemplateResponse>, Status> {
-        let name = convert::template_name("name", request.into_inner().name)?;
-        self.warmer.delete(&name).await.map_err(status)?;
+        let request = request.into_inner();
+        let name = convert::template_name("name", request.name)?;
+        self.warmer
+            .delete(&name, request.force)
+            .await
+            .map_err(status)?;
         Ok(Response::new(v1::DeleteTemplateResponse {}))
     }
 }

@@ -337,3 +337,112 @@ async fn health_and_reflection() {
         "{names:?}"
     );
 }
+
+/// Delete refuses a template that live sandboxes or nodes' pools use, naming both counts,
+/// and goes ahead when forced (the proto's promise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_refuses_a_template_in_use_unless_forced() {
+    use nanobox_core::{
+        NetworkMode, NetworkSpec, Resources, SandboxId, SandboxState, TemplateName,
+    };
+    use nanobox_store::metadata::{NewSandbox, NodeObserved, NodeReport, SandboxObservation};
+
+    let stack = Stack::start().await;
+    let work = tempfile::tempdir().unwrap();
+    stack.registry.push(
+        &busybox_layout(work.path(), "used"),
+        "v1",
+        "used",
+        "v1",
+        PushFormat::Oci,
+    );
+    stack.warmup("used", &stack.image("used:v1")).await;
+    let (task, _) = stack.wait("used").await;
+    assert_eq!(task.state(), TemplateState::Ready, "{task:?}");
+
+    // A node with a pool VM of it, and a running sandbox of it there, as the scheduler
+    // records them.
+    let meta = stack.meta().await;
+    meta.report_node(&NodeReport {
+        id: "node-a".into(),
+        address: "127.0.0.1:1".into(),
+        draining: false,
+        capacity_vcpus: 2,
+        capacity_memory_mb: 2048,
+        allocated_vcpus: 1,
+        allocated_memory_mb: 256,
+        observed: NodeObserved {
+            ready_pool: [("used".to_owned(), 1)].into(),
+            ..NodeObserved::default()
+        },
+    })
+    .await
+    .unwrap();
+    let (sandbox, _) = meta
+        .insert_sandbox(&NewSandbox {
+            id: SandboxId::new(),
+            request_id: None,
+            template: TemplateName::new("used").unwrap(),
+            template_digest: task.digest.clone(),
+            node_id: Some("node-a".into()),
+            observed_state: SandboxState::Running,
+            resources: Resources::new(1, 256, None).unwrap(),
+            network: NetworkSpec::new(NetworkMode::Isolated, None, None).unwrap(),
+            env: Default::default(),
+            metadata: Default::default(),
+            timeout: Duration::from_secs(300),
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+
+    let mut client = stack.client().await;
+    let delete = |force| v1::DeleteTemplateRequest {
+        name: "used".into(),
+        force,
+    };
+    let err = client.delete(delete(false)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("in use by 1 sandbox(es) and 1 pool VM(s)"),
+        "{}",
+        err.message()
+    );
+    // Still there, object and all.
+    client
+        .status(v1::GetTemplateStatusRequest {
+            name: "used".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(rootfs_objects(&stack.object_keys().await).len(), 2);
+
+    // The sandbox stops; the pool VM still holds it.
+    meta.observe_sandbox(
+        &sandbox.id,
+        &SandboxObservation {
+            state: Some(SandboxState::Stopped),
+            ..SandboxObservation::default()
+        },
+    )
+    .await
+    .unwrap();
+    let err = client.delete(delete(false)).await.unwrap_err();
+    assert!(
+        err.message().contains("0 sandbox(es) and 1 pool VM(s)"),
+        "{}",
+        err.message()
+    );
+
+    // Forced: gone.
+    client.delete(delete(true)).await.unwrap();
+    let err = client
+        .status(v1::GetTemplateStatusRequest {
+            name: "used".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(rootfs_objects(&stack.object_keys().await).is_empty());
+}

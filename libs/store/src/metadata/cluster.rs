@@ -53,6 +53,15 @@ pub struct NodeRecord {
     pub updated_at: SystemTime,
 }
 
+/// What uses a template (see [`MetadataStore::template_users`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TemplateUsers {
+    /// Sandboxes of it that are not stopped, failed or lost.
+    pub sandboxes: u64,
+    /// Ready pool VMs of it on nodes that are not lost.
+    pub pool_vms: u64,
+}
+
 /// What a registration or heartbeat writes about a node; its heartbeat time becomes now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeReport {
@@ -777,6 +786,45 @@ impl MetadataStore {
             "recording a resume",
         )
         .await
+    }
+
+    /// What still uses template `name`: its sandboxes not yet stopped, failed or lost
+    /// (paused ones included: they resume from it), and the ready pool VMs of it that
+    /// nodes not lost last reported.
+    pub async fn template_users(
+        &self,
+        name: &TemplateName,
+    ) -> Result<TemplateUsers, MetadataError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM sandboxes
+                 WHERE template_name = $1
+                   AND observed_state NOT IN ('STOPPED', 'FAILED', 'LOST')",
+                &[&name.as_str()],
+            )
+            .await
+            .map_err(db("counting a template's sandboxes"))?;
+        let sandboxes = u64_of(row.get(0), "count")?;
+        let pool_vms = self
+            .list_nodes()
+            .await?
+            .iter()
+            .filter(|n| n.state != NodeState::Lost)
+            .map(|n| {
+                u64::from(
+                    n.observed
+                        .ready_pool
+                        .get(name.as_str())
+                        .copied()
+                        .unwrap_or(0),
+                )
+            })
+            .sum();
+        Ok(TemplateUsers {
+            sandboxes,
+            pool_vms,
+        })
     }
 
     /// The number of sandboxes in each observed state (states with none are absent).

@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 pub use cluster::{
     NewSandbox, NodeObserved, NodeRecord, NodeReport, SandboxFilter, SandboxObservation,
-    SandboxRecord,
+    SandboxRecord, TemplateUsers,
 };
 pub use error::MetadataError;
 
