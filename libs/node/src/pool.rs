@@ -4,9 +4,10 @@
 //! A background task tops every pool up to `min_ready` (never past `max_ready`, never
 //! past the node's capacity), right after a VM is taken and every
 //! `replenish_interval`; it retires VMs idle longer than `max_idle` (they are replaced
-//! while the pool is under `min_ready`, so long-idle VMs are recycled) and VMs of a
-//! template digest that is no longer current. Boots run in the background; a create
-//! never waits for a refill.
+//! while the pool is under `min_ready`, so long-idle VMs are recycled), VMs of a
+//! template digest that is no longer current, and every VM of a template that is gone
+//! (deleted, or not READY again yet). Boots run in the background; a create never waits
+//! for a refill.
 
 use std::sync::{Arc, Weak};
 use std::time::Instant;
@@ -39,7 +40,27 @@ pub(crate) async fn refiller(node: Weak<Inner>) {
 }
 
 async fn top_up(inner: &Arc<Inner>, target: &PoolTarget) -> Result<(), NodeError> {
-    let template = inner.templates.resolve(&target.template, None).await?;
+    let template = match inner.templates.resolve(&target.template, None).await {
+        Ok(template) => template,
+        // The template is gone (NOT_FOUND: deleted) or not usable (its first warmup runs
+        // or failed, after a delete): its VMs can serve no create. An unreachable
+        // database is no such news, and keeps them.
+        Err(e @ (NodeError::NotFound { .. } | NodeError::FailedPrecondition(_))) => {
+            let retired = {
+                let mut pools = lock(&inner.pools);
+                let pool = pools.entry(target.template.clone()).or_default();
+                // VMs still booting for the old digest are retired as they finish.
+                pool.digest.clear();
+                std::mem::take(&mut pool.ready)
+            };
+            for pooled in retired {
+                tracing::info!(vm = %pooled.booted.record.vm_id, template = %target.template, "retiring a pooled VM of a template that is gone");
+                retire(inner, pooled).await;
+            }
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     // Retire what is stale or idle too long.
     let retired: Vec<Pooled> = {
         let mut pools = lock(&inner.pools);

@@ -1,6 +1,6 @@
 //! The warm pool through the node agent: VMs booted ahead, taken by creates (and
 //! indistinguishable from cold ones inside), refilled in the background, and retired
-//! after `max_idle_sec`.
+//! after `max_idle_sec` or when their template is deleted.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -146,4 +146,48 @@ memory_mb = 128
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     let status = stack.status().await;
     assert_eq!(status.sandboxes.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_of_a_deleted_template_is_retired() {
+    let stack = Stack::start(&format!(
+        r#"
+[pool]
+replenish_interval_sec = 1
+
+[[pool.templates]]
+name = "{TEMPLATE}"
+min_ready = 1
+max_ready = 1
+vcpus = 1
+memory_mb = 128
+"#
+    ))
+    .await;
+    let ready = |n: u32| move |s: &nanobox_proto::node::v1::NodeStatus| s.pools[0].ready == n;
+    stack
+        .wait_status("a VM booted ahead", Duration::from_secs(240), ready(1))
+        .await;
+    assert_eq!(pooled_vms(&stack).len(), 1);
+    assert_eq!(stack.vmm_processes().len(), 1);
+
+    // The template is deleted (Templates.Delete with force removes its row).
+    let name = nanobox_core::TemplateName::new(TEMPLATE).unwrap();
+    assert!(stack.meta().await.delete_template(&name).await.unwrap());
+    stack
+        .wait_status("the pool retired", Duration::from_secs(60), ready(0))
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(pooled_vms(&stack).is_empty() && stack.vmm_processes().is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left: {:?}, VMMs {:?}",
+            pooled_vms(&stack),
+            stack.vmm_processes()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And nothing boots for it while it is gone.
+    let status = stack.status().await;
+    assert_eq!((status.pools[0].ready, status.pools[0].starting), (0, 0));
 }
