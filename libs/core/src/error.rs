@@ -57,3 +57,23 @@ pub fn describe(err: &dyn std::error::Error) -> String {
     }
     message
 }
+
+/// A short random id that ties an error a client is shown to the log line that holds its
+/// details (host paths, tool output, causes), which clients must not see.
+pub fn error_id() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    id[..12].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_ids_are_short_and_distinct() {
+        let (a, b) = (error_id(), error_id());
+        assert_eq!(a.len(), 12);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

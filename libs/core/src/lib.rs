@@ -18,7 +18,7 @@ mod resources;
 mod sandbox;
 mod template;
 
-pub use error::{describe, CoreError};
+pub use error::{describe, error_id, CoreError};
 pub use exec::{ExecSpec, ExitKind, ExitOutcome};
 pub use id::SandboxId;
 pub use network::{NetworkMode, NetworkSpec};

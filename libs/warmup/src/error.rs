@@ -47,6 +47,31 @@ pub enum WarmupError {
 }
 
 impl WarmupError {
+    /// What a client may be told about this error: its own text when that holds only
+    /// what the client sent or the image holds, else (local I/O, tool output, storage
+    /// and database failures, which name host paths and internals) what was being done
+    /// and an id under which the details are logged here, once. The one place that
+    /// decides, for gRPC statuses and for failed warmups' messages alike.
+    pub fn public_message(&self) -> String {
+        let hidden = match self {
+            Self::Io { context, .. } => Some(*context),
+            Self::Internal(_) => Some("the template-builder"),
+            Self::Store(_) => Some("the object store"),
+            Self::Metadata(_) => Some("the metadata database"),
+            Self::Image(nanobox_oci::OciError::Io { context, .. }) => Some(*context),
+            Self::Image(nanobox_oci::OciError::Tool { tool, .. }) => Some(*tool),
+            _ => None,
+        };
+        match hidden {
+            None => nanobox_core::describe(self),
+            Some(what) => {
+                let id = nanobox_core::error_id();
+                tracing::error!(error_id = %id, error = %nanobox_core::describe(self), "template-builder error");
+                format!("{what} failed (error id {id}; the template-builder's log has the details)")
+            }
+        }
+    }
+
     /// Whether the cause is on the infrastructure side (database, object store) rather
     /// than in the request or the image: a retry may succeed.
     pub fn is_unavailable(&self) -> bool {
@@ -55,5 +80,45 @@ impl WarmupError {
             Self::Store(_) => true,
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_never_see_host_paths_or_tool_output() {
+        let io = WarmupError::Io {
+            context: "creating a build directory",
+            path: "/var/lib/secret/builds".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let tool = WarmupError::Image(nanobox_oci::OciError::Tool {
+            tool: "mkfs.ext4",
+            stderr: "could not open /var/lib/secret/builds/.x.tmp".to_owned(),
+        });
+        for (err, what) in [(io, "creating a build directory"), (tool, "mkfs.ext4")] {
+            let shown = err.public_message();
+            assert!(!shown.contains("/var/lib/secret"), "{shown}");
+            assert!(
+                shown.starts_with(&format!("{what} failed (error id ")),
+                "{shown}"
+            );
+        }
+        // What the client sent or the image holds is shown as it is.
+        let invalid = WarmupError::InvalidArgument {
+            field: "image",
+            reason: "not a reference".to_owned(),
+        };
+        assert_eq!(invalid.public_message(), "invalid image: not a reference");
+        let hostile = WarmupError::Image(nanobox_oci::OciError::UnsafePath {
+            entry: "../x".to_owned(),
+            reason: "'..' component",
+        });
+        assert_eq!(
+            hostile.public_message(),
+            "entry \"../x\": unsafe path ('..' component)"
+        );
     }
 }

@@ -481,9 +481,8 @@ impl Inner {
         match result {
             Ok(()) => tracing::info!(task = %id, template = %task.template, "warmup ready"),
             Err(e) => {
-                let message = describe(&e);
-                tracing::warn!(task = %id, template = %task.template, error = %message, "warmup failed");
-                self.fail(id, &message).await;
+                tracing::warn!(task = %id, template = %task.template, error = %describe(&e), "warmup failed");
+                self.fail(id, &e.public_message()).await;
             }
         }
     }

@@ -37,13 +37,27 @@ impl NodeAgentService {
 pub fn status(err: NodeError) -> Status {
     let message = err.to_string();
     match err {
+        // Host paths and causes stay in the agent's log, under an id the client gets.
+        NodeError::Io { context, .. } => {
+            let id = nanobox_core::error_id();
+            tracing::error!(error_id = %id, error = %nanobox_core::describe(&err), "internal error");
+            Status::internal(format!(
+                "{context} failed on the node (error id {id}; the node agent's log has the details)"
+            ))
+        }
+        NodeError::Internal(_) => {
+            let id = nanobox_core::error_id();
+            tracing::error!(error_id = %id, error = %message, "internal error");
+            Status::internal(format!(
+                "internal error in the node agent (error id {id}; its log has the details)"
+            ))
+        }
         NodeError::InvalidArgument { .. } => Status::invalid_argument(message),
         NodeError::NotFound { .. } => Status::not_found(message),
         NodeError::FailedPrecondition(_) => Status::failed_precondition(message),
         NodeError::ResourceExhausted(_) => Status::resource_exhausted(message),
         NodeError::Unavailable { .. } => Status::unavailable(message),
         NodeError::Guest { .. } => Status::aborted(message),
-        NodeError::Io { .. } | NodeError::Internal(_) => Status::internal(message),
     }
 }
 
@@ -469,5 +483,37 @@ impl NodeAgent for NodeAgentService {
         Ok(Response::new(node::GetNodeStatusResponse {
             status: Some(status),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_reach_clients_without_host_paths() {
+        let err = NodeError::Io {
+            context: "cloning the template disk",
+            path: "/var/lib/nanobox/agent/disks/secret.ext4".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let shown = status(err);
+        assert_eq!(shown.code(), tonic::Code::Internal);
+        assert!(!shown.message().contains("/var/lib"), "{}", shown.message());
+        assert!(
+            shown
+                .message()
+                .starts_with("cloning the template disk failed on the node (error id "),
+            "{}",
+            shown.message()
+        );
+        let shown = status(NodeError::Internal("record {vm: Some(3)} broke".to_owned()));
+        assert!(!shown.message().contains("Some(3)"), "{}", shown.message());
+        // The client's own mistakes are told as they are.
+        let shown = status(NodeError::NotFound {
+            what: "sandbox",
+            name: "sbx-1".to_owned(),
+        });
+        assert_eq!(shown.message(), "sandbox sbx-1 not found");
     }
 }

@@ -23,7 +23,7 @@ impl TemplatesService {
 }
 
 fn status(err: WarmupError) -> Status {
-    let message = err.to_string();
+    let message = err.public_message();
     match err {
         WarmupError::InvalidArgument { .. } => Status::invalid_argument(message),
         WarmupError::NotFound(_) => Status::not_found(message),
