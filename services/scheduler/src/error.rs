@@ -91,10 +91,18 @@ impl From<SchedulerError> for Status {
                 tonic::Code::Unknown | tonic::Code::Cancelled => Status::unavailable(message),
                 code => Status::new(code, message),
             },
-            SchedulerError::Store(e) if e.is_retryable() => Status::unavailable(message),
-            SchedulerError::Store(_) => {
-                tracing::error!(error = %message, "metadata store failure");
-                Status::internal(message)
+            // The database's own words name sockets, hosts and SQL: logged under an id.
+            SchedulerError::Store(e) => {
+                let id = nanobox_core::error_id();
+                tracing::error!(error_id = %id, error = %nanobox_core::describe(&e), "metadata store failure");
+                let shown = format!(
+                    "the metadata database failed (error id {id}; the scheduler's log has the details)"
+                );
+                if e.is_retryable() {
+                    Status::unavailable(shown)
+                } else {
+                    Status::internal(shown)
+                }
             }
         }
     }
