@@ -1,11 +1,18 @@
 //! Joining the cluster: when `[agent].scheduler_addr` is set, the agent registers with the
 //! scheduler's `NodeRegistry` and then heartbeats its status (capacity, allocation, cached
 //! templates, pools, sandboxes) at the interval the scheduler asks for. It destroys the
-//! sandboxes the scheduler no longer wants and registers again when the scheduler asks
-//! (it restarted). A scheduler that is down is retried with capped exponential backoff;
-//! the node keeps serving meanwhile.
+//! sandboxes the scheduler no longer wants, off the heartbeat loop (a few at a time, each
+//! once however often it is asked), so that destroying many VMs never delays the next
+//! heartbeat past the point where the scheduler calls the node lost; and it registers
+//! again when the scheduler asks (it restarted). A scheduler that is down is retried with
+//! capped exponential backoff; the node keeps serving meanwhile.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
+
+use nanobox_core::SandboxId;
+use tokio::sync::Semaphore;
 
 use nanobox_node::Node;
 use nanobox_proto::node::v1 as node;
@@ -21,6 +28,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backoff after a failed call: from the first value, doubling, up to the cap.
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Destroys asked for by the scheduler that run at once.
+const PARALLEL_DESTROYS: usize = 4;
 /// Heartbeat interval bounds, whatever the scheduler answers.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_INTERVAL: Duration = Duration::from_secs(60);
@@ -49,12 +58,57 @@ pub fn spawn(
     Ok(tokio::spawn(run(node, client, address)))
 }
 
+/// Runs the destroys the scheduler asks for in the background, each sandbox once at a
+/// time, a few at once.
+#[derive(Clone)]
+struct Destroyer {
+    node: Node,
+    in_flight: Arc<Mutex<HashSet<SandboxId>>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Destroyer {
+    fn new(node: Node) -> Self {
+        Self {
+            node,
+            in_flight: Arc::default(),
+            permits: Arc::new(Semaphore::new(PARALLEL_DESTROYS)),
+        }
+    }
+
+    /// Starts destroying `id` unless that is already under way; returns at once.
+    fn destroy(&self, id: SandboxId) {
+        let fresh = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone());
+        if !fresh {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Ok(_permit) = this.permits.acquire().await {
+                tracing::info!(sandbox = %id, "destroying a sandbox the scheduler does not want");
+                if let Err(e) = this.node.destroy(&id).await {
+                    tracing::warn!(sandbox = %id, error = %e, "destroy asked by the scheduler failed");
+                }
+            }
+            this.in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        });
+    }
+}
+
 async fn run(node: Node, mut client: Registry, address: String) {
     let mut backoff = BACKOFF_START;
     let mut registered = false;
+    let destroyer = Destroyer::new(node.clone());
     loop {
         let result = if registered {
-            heartbeat(&node, &mut client, &address).await
+            heartbeat(&node, &destroyer, &mut client, &address).await
         } else {
             register(&node, &mut client, &address).await
         };
@@ -116,6 +170,7 @@ async fn register(
 
 async fn heartbeat(
     node: &Node,
+    destroyer: &Destroyer,
     client: &mut Registry,
     address: &str,
 ) -> Result<Answer, tonic::Status> {
@@ -128,12 +183,7 @@ async fn heartbeat(
         .into_inner();
     for id in &answer.destroy_sandbox_ids {
         match nanobox_proto::convert::sandbox_id("destroy_sandbox_ids", id) {
-            Ok(id) => {
-                tracing::info!(sandbox = %id, "destroying a sandbox the scheduler does not want");
-                if let Err(e) = node.destroy(&id).await {
-                    tracing::warn!(sandbox = %id, error = %e, "destroy asked by the scheduler failed");
-                }
-            }
+            Ok(id) => destroyer.destroy(id),
             Err(e) => tracing::warn!(error = %e, "the scheduler sent a bad sandbox id"),
         }
     }
