@@ -21,6 +21,23 @@ use tar::EntryType;
 
 pub const MTIME: u64 = 1_700_000_000;
 
+/// The data of a PAX extended header: `<len> <key>=<value>\n` per record, where `len`
+/// counts the whole record, itself included.
+pub fn pax_records<'a>(records: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (key, value) in records {
+        let rest = key.len() + value.len() + 3;
+        let mut len = rest + 1;
+        while len != rest + len.to_string().len() {
+            len = rest + len.to_string().len();
+        }
+        data.extend_from_slice(format!("{len} {key}=").as_bytes());
+        data.extend_from_slice(value);
+        data.push(b'\n');
+    }
+    data
+}
+
 /// Builds one layer tarball.
 pub struct Layer {
     builder: tar::Builder<Vec<u8>>,
@@ -103,18 +120,7 @@ impl Layer {
 
     /// PAX records that apply to the next entry.
     pub fn pax(mut self, records: &[(&str, &[u8])]) -> Self {
-        let mut data = Vec::new();
-        for (key, value) in records {
-            // "<len> <key>=<value>\n" where len counts itself.
-            let rest = key.len() + value.len() + 3;
-            let mut len = rest + 1;
-            while len != rest + len.to_string().len() {
-                len = rest + len.to_string().len();
-            }
-            data.extend_from_slice(format!("{len} {key}=").as_bytes());
-            data.extend_from_slice(value);
-            data.push(b'\n');
-        }
+        let data = pax_records(records.iter().map(|(k, v)| (*k, *v)));
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(tar::EntryType::XHeader);
         h.set_path("PaxHeaders/x").unwrap();

@@ -213,18 +213,7 @@ impl Tarball {
 
     /// A PAX extended header for the next entry.
     fn pax(&mut self, records: &[(String, Vec<u8>)]) {
-        let mut data = Vec::new();
-        for (key, value) in records {
-            // "<len> <key>=<value>\n" where len counts itself.
-            let rest = key.len() + value.len() + 3;
-            let mut len = rest + 1;
-            while len != rest + len.to_string().len() {
-                len = rest + len.to_string().len();
-            }
-            data.extend_from_slice(format!("{len} {key}=").as_bytes());
-            data.extend_from_slice(value);
-            data.push(b'\n');
-        }
+        let data = crate::common::pax_records(records.iter().map(|(k, v)| (k.as_str(), &v[..])));
         let mut h = Header::new_ustar();
         h.set_entry_type(EntryType::XHeader);
         h.set_path("PaxHeaders.0/entry").unwrap();
