@@ -464,3 +464,58 @@ async fn first_warmups_are_names_without_a_template() {
     assert_eq!(first, vec![fresh_task.clone()]);
     assert_eq!(first[0].platform, "linux/arm64");
 }
+
+#[tokio::test]
+async fn a_read_only_store_migrates_nothing_writes_nothing_and_says_when_the_schema_is_missing() {
+    let pg = Postgres::start().await;
+    let config = pg.create_database().await;
+    // A database no control-plane service has migrated yet: refused, with what to do.
+    let err = MetadataStore::open_read_only(config.clone(), PoolOptions::default())
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("opened an unmigrated database"));
+    assert!(
+        matches!(
+            err,
+            MetadataError::SchemaTooOld {
+                database: 0,
+                needed: 2
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("start one first"), "{err}");
+    let tables = raw(&config)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tables.get::<_, i64>(0), 0, "it created nothing");
+
+    // Migrated by a control-plane service: reads work, writes are refused by Postgres.
+    let writer = open(config.clone()).await.unwrap_or_else(|e| panic!("{e}"));
+    writer
+        .upsert_template(&record("web", TemplateState::Ready))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let reader = MetadataStore::open_read_only(config, PoolOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let got = reader
+        .get_template(&name("web"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got.map(|t| t.state), Some(TemplateState::Ready));
+    let err = reader
+        .upsert_template(&record("other", TemplateState::Ready))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a read-only store wrote"));
+    assert!(
+        format!("{err:?}").contains("read-only transaction"),
+        "{err:?}"
+    );
+}

@@ -255,9 +255,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .expose()
         .parse()
         .context("[database].url is not a valid Postgres connection string")?;
-    let meta = MetadataStore::open(db, PoolOptions::default())
+    // Read-only: the agent only reads which templates are READY, applies no migrations,
+    // and needs no rights to write (MetadataStore::open_read_only).
+    let meta = MetadataStore::open_read_only(db, PoolOptions::default())
         .await
-        .context("opening the metadata database")?;
+        .context("opening the metadata database (read-only)")?;
     let objects = nanobox_store::open_object_store(&config.object_store.location)
         .context("opening the object store")?;
     let (backend, node_config) = choose_backend(&config, node_config).await?;

@@ -25,6 +25,11 @@ pub enum MetadataError {
         source: tokio_postgres::Error,
     },
     /// The database was migrated by newer code; this code must not use it.
+    #[error(
+        "the database schema is at version {database}, older than the {needed} this service \
+         reads; the scheduler and the template-builder apply migrations: start one first"
+    )]
+    SchemaTooOld { database: i64, needed: i64 },
     #[error("the database schema is at version {database}, newer than this build knows ({known}); upgrade NanoBox")]
     SchemaTooNew { database: i64, known: i64 },
     /// An applied migration differs from the one this code has (history was edited).

@@ -113,7 +113,12 @@ pub struct TaskUpdate {
     pub message: Option<String>,
 }
 
-/// Pool settings.
+/// The oldest schema the template reads of a node agent ([`MetadataStore::get_template`],
+/// [`MetadataStore::latest_task`]) work with: migration 2 added the last column they read.
+pub const READER_SCHEMA: i64 = 2;
+
+/// Pool settings: how many connections the pool keeps, and how long a caller waits for
+/// one.
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
     pub max_connections: usize,
@@ -372,6 +377,66 @@ impl MetadataStore {
         let store = Self { pool };
         let mut client = store.client().await?;
         migrate::apply(&mut client, migrate::MIGRATIONS).await?;
+        Ok(store)
+    }
+
+    /// Opens the database for reading only, as node agents do: no migrations are applied
+    /// (an upgraded node never changes the schema under an older control plane, and a
+    /// node needs no rights to change it), and every transaction of every connection is
+    /// read-only (`default_transaction_read_only`), whatever the role could do. Refused,
+    /// clearly, while the schema is older than [`READER_SCHEMA`]; a newer one is fine as
+    /// long as the columns read are there, which migrations never take away.
+    pub async fn open_read_only(
+        mut config: tokio_postgres::Config,
+        options: PoolOptions,
+    ) -> Result<Self, MetadataError> {
+        let mut startup = config.get_options().unwrap_or_default().to_owned();
+        if !startup.is_empty() {
+            startup.push(' ');
+        }
+        startup.push_str("-c default_transaction_read_only=on");
+        config.options(&startup);
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.acquire_timeout))
+            .create_timeout(Some(options.acquire_timeout))
+            .build()
+            .map_err(|e| MetadataError::Config(e.to_string()))?;
+        let store = Self { pool };
+        let client = store.client().await?;
+        // Postgres resolves every table a statement names, even in a branch not taken: ask
+        // whether the table exists first.
+        let exists: bool = client
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(db("reading the schema version"))?
+            .get(0);
+        let database: i64 = if exists {
+            client
+                .query_one(
+                    "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                    &[],
+                )
+                .await
+                .map_err(db("reading the schema version"))?
+                .get(0)
+        } else {
+            0
+        };
+        if database < READER_SCHEMA {
+            return Err(MetadataError::SchemaTooOld {
+                database,
+                needed: READER_SCHEMA,
+            });
+        }
         Ok(store)
     }
 
