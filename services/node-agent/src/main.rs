@@ -40,6 +40,10 @@ struct Args {
     config: Option<PathBuf>,
 }
 
+/// How long the agent waits at start for a control-plane service to migrate a database
+/// that is not migrated yet.
+const SCHEMA_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 fn cow(mode: CowMode) -> CowPreference {
     match mode {
         CowMode::Auto => CowPreference::Auto { qcow2: true },
@@ -256,10 +260,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .parse()
         .context("[database].url is not a valid Postgres connection string")?;
     // Read-only: the agent only reads which templates are READY, applies no migrations,
-    // and needs no rights to write (MetadataStore::open_read_only).
-    let meta = MetadataStore::open_read_only(db, PoolOptions::default())
-        .await
-        .context("opening the metadata database (read-only)")?;
+    // and needs no rights to write (MetadataStore::open_read_only). Started beside a new
+    // control plane, it waits a while for the scheduler or the template-builder to
+    // migrate a fresh database instead of failing at once.
+    let waited_since = std::time::Instant::now();
+    let meta = loop {
+        match MetadataStore::open_read_only(db.clone(), PoolOptions::default()).await {
+            Err(e @ nanobox_store::MetadataError::SchemaTooOld { .. })
+                if waited_since.elapsed() < SCHEMA_WAIT =>
+            {
+                tracing::warn!(error = %e, "waiting for the database schema");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            other => break other.context("opening the metadata database (read-only)")?,
+        }
+    };
     let objects = nanobox_store::open_object_store(&config.object_store.location)
         .context("opening the object store")?;
     let (backend, node_config) = choose_backend(&config, node_config).await?;

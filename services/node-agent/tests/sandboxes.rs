@@ -585,3 +585,36 @@ async fn pause_resume_keeps_processes_and_survives_an_agent_restart() {
         );
     }
 }
+
+/// The agent opens the database read-only and applies no migrations: started against a
+/// database nobody has migrated yet, it waits for the control plane to do it, then serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_waits_for_the_control_plane_to_migrate_and_never_migrates_itself() {
+    let mut stack = Stack::prepare("", &[]).await;
+    let db = stack.db.clone();
+    let objects = stack.objects_dir();
+    let migrated = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = migrated.clone();
+    // What the scheduler or the template-builder does at its start, a little later.
+    let control_plane = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let meta = nanobox_store::MetadataStore::open(db, Default::default())
+            .await
+            .unwrap();
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        let objects = nanobox_store::LocalFsStore::open(objects).unwrap();
+        let rootfs = nanobox_testkit::GuestArtifacts::from_env().rootfs;
+        nanobox_testkit::template::publish_template(&meta, &objects, TEMPLATE, &rootfs).await;
+    });
+    // Blocks until the agent prints its address, which it does only once it has waited.
+    tokio::task::block_in_place(|| stack.start_agent());
+    assert!(
+        migrated.load(std::sync::atomic::Ordering::SeqCst),
+        "the agent served before the schema existed"
+    );
+    control_plane.await.unwrap();
+    let created = stack.create(create_request(TEMPLATE)).await;
+    let id = created.sandbox.unwrap().id;
+    let (out, _, code) = stack.sh(&id, "echo served").await;
+    assert_eq!((out.as_str(), code), ("served\n", 0));
+}

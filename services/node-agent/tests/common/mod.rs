@@ -47,10 +47,18 @@ impl Stack {
     }
 
     pub async fn start_with(extra_config: &str, env: &[(&str, &str)]) -> Self {
+        let mut stack = Self::prepare(extra_config, env).await;
+        stack.publish_template(TEMPLATE).await;
+        stack.start_agent();
+        stack
+    }
+
+    /// Postgres with an empty database (no schema yet), the namespaces, and no agent.
+    pub async fn prepare(extra_config: &str, env: &[(&str, &str)]) -> Self {
         let pg = Postgres::start().await;
         let db = pg.create_database().await;
         let dir = tempfile::tempdir().unwrap();
-        let mut stack = Self {
+        Self {
             pg,
             db,
             dir,
@@ -61,10 +69,7 @@ impl Stack {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
-        };
-        stack.publish_template(TEMPLATE).await;
-        stack.start_agent();
-        stack
+        }
     }
 
     pub fn state_dir(&self) -> PathBuf {
