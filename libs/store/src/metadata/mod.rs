@@ -360,21 +360,7 @@ impl MetadataStore {
         config: tokio_postgres::Config,
         options: PoolOptions,
     ) -> Result<Self, MetadataError> {
-        let manager = Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(options.max_connections.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(options.acquire_timeout))
-            .create_timeout(Some(options.acquire_timeout))
-            .build()
-            .map_err(|e| MetadataError::Config(e.to_string()))?;
-        let store = Self { pool };
+        let store = Self::pooled(config, options)?;
         let mut client = store.client().await?;
         migrate::apply(&mut client, migrate::MIGRATIONS).await?;
         Ok(store)
@@ -396,21 +382,7 @@ impl MetadataStore {
         }
         startup.push_str("-c default_transaction_read_only=on");
         config.options(&startup);
-        let manager = Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(options.max_connections.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(options.acquire_timeout))
-            .create_timeout(Some(options.acquire_timeout))
-            .build()
-            .map_err(|e| MetadataError::Config(e.to_string()))?;
-        let store = Self { pool };
+        let store = Self::pooled(config, options)?;
         let client = store.client().await?;
         // Postgres resolves every table a statement names, even in a branch not taken: ask
         // whether the table exists first.
@@ -438,6 +410,25 @@ impl MetadataStore {
             });
         }
         Ok(store)
+    }
+
+    /// The store over a pool of connections made with `config`, none made yet.
+    fn pooled(config: tokio_postgres::Config, options: PoolOptions) -> Result<Self, MetadataError> {
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.acquire_timeout))
+            .create_timeout(Some(options.acquire_timeout))
+            .build()
+            .map_err(|e| MetadataError::Config(e.to_string()))?;
+        Ok(Self { pool })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, MetadataError> {
