@@ -18,7 +18,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::compression::{decompress, Compression};
 use crate::error::OciError;
-use crate::image::Verdict;
+use crate::image::{record, Verdict};
 
 /// Which layer a stream is and the diff_id the config gives it.
 #[derive(Debug, Clone)]
@@ -64,18 +64,14 @@ impl DiffIdReader {
         })
     }
 
-    /// Where a mismatch or a passed cap is recorded (the `io::Error` the stream returns
-    /// reaches the caller only as the applier's "corrupt layer").
+    /// Where a mismatch is recorded (the `io::Error` the stream returns reaches the
+    /// caller only as the applier's "corrupt layer").
     pub fn verdict(&self) -> Verdict {
         self.verdict.clone()
     }
 
     fn fail(&self, err: OciError) -> io::Error {
-        let message = err.to_string();
-        if let Ok(mut verdict) = self.verdict.lock() {
-            *verdict = Some(err);
-        }
-        io::Error::new(io::ErrorKind::InvalidData, message)
+        record(&self.verdict, err)
     }
 }
 

@@ -398,12 +398,18 @@ impl<R: Read> VerifiedBlob<R> {
     }
 
     fn fail(&self, err: OciError) -> io::Error {
-        let message = err.to_string();
-        if let Ok(mut verdict) = self.verdict.lock() {
-            *verdict = Some(err);
-        }
-        io::Error::new(io::ErrorKind::InvalidData, message)
+        record(&self.verdict, err)
     }
+}
+
+/// Records `err` as a stream's verdict and returns the `io::Error` the stream fails with
+/// (which reaches its reader only as "corrupt layer": the verdict keeps the real cause).
+pub(crate) fn record(verdict: &Verdict, err: OciError) -> io::Error {
+    let message = err.to_string();
+    if let Ok(mut slot) = verdict.lock() {
+        *slot = Some(err);
+    }
+    io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
 impl<R: Read> Read for VerifiedBlob<R> {

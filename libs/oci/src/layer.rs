@@ -435,7 +435,9 @@ impl LayerApplier {
                     reason: "replaces the root directory",
                 });
             }
-            let meta = self.directory_xattrs(header, Path::new(""), name)?;
+            let meta = meta_of(header, name)?;
+            let xattrs = xattrs_of(header, name, limits.max_xattr_bytes)?;
+            self.set_directory_xattrs(Path::new(""), &xattrs, name)?;
             state.times.forget(Path::new(""));
             state.dirs.push(DeferredDir {
                 rel: PathBuf::new(),
@@ -474,7 +476,7 @@ impl LayerApplier {
                         .create(&host)
                         .map_err(|e| apply_err(name, "mkdir", e))?;
                 }
-                let meta = self.directory_xattrs(header, &rel, name)?;
+                self.set_directory_xattrs(&rel, &xattrs, name)?;
                 state.times.forget(&rel);
                 state.dirs.push(DeferredDir {
                     rel: rel.clone(),
@@ -613,11 +615,14 @@ impl LayerApplier {
     }
 
     /// Applies a directory entry's extended attributes now (those of a merged directory
-    /// that the new header does not list are removed) and returns the rest of its
-    /// metadata, applied when the layer ends.
-    fn directory_xattrs(&self, header: &Header, rel: &Path, name: &str) -> Result<Meta, OciError> {
-        let meta = meta_of(header, name)?;
-        let xattrs = xattrs_of(header, name, self.options.limits.max_xattr_bytes)?;
+    /// that the new header does not list are removed); the rest of its metadata waits
+    /// for the end of the layer.
+    fn set_directory_xattrs(
+        &self,
+        rel: &Path,
+        xattrs: &[(OsString, Vec<u8>)],
+        name: &str,
+    ) -> Result<(), OciError> {
         let host = self.root.abs(rel);
         let names = list_xattrs(&host).map_err(|e| apply_err(name, "listing xattrs", e))?;
         for key in names {
@@ -628,7 +633,7 @@ impl LayerApplier {
                     .map_err(|e| apply_err(name, "removing an xattr", e.into()))?;
             }
         }
-        for (key, value) in &xattrs {
+        for (key, value) in xattrs {
             rustix::fs::lsetxattr(
                 &host,
                 key.as_os_str(),
@@ -637,7 +642,7 @@ impl LayerApplier {
             )
             .map_err(|e| apply_err(name, "setting an xattr", e.into()))?;
         }
-        Ok(meta)
+        Ok(())
     }
 
     /// Resolves (creating) an entry's parent directories, reusing the last resolution

@@ -268,36 +268,17 @@ impl<R: Read> TarReader<R> {
             header.dev_major = self.device(&block[329..337], "device major")?;
             header.dev_minor = self.device(&block[337..345], "device minor")?;
         }
+        let records = effective_records(&pending.pax);
         // Name first, so that every later error names the entry.
-        let sparse_name = pending
-            .pax
-            .iter()
-            .find(|(k, _)| k == b"GNU.sparse.name")
-            .map(|(_, v)| v.clone());
-        if let Some((_, v)) = pending.pax.iter().rev().find(|(k, _)| k == b"path") {
+        if let Some((_, v)) = records.iter().rev().find(|(k, _)| k == b"path") {
             path = v.clone();
         }
-        if let Some(name) = sparse_name {
-            path = name;
+        if let Some((_, v)) = records.iter().find(|(k, _)| k == b"GNU.sparse.name") {
+            path = v.clone();
         }
         self.last = String::from_utf8_lossy(&path).into_owned();
         header.path = path;
         let mut pax_sparse = PaxSparse::default();
-        // POSIX pax: a record with an empty value deletes its keyword (an xattr that is
-        // not there; a field back to the header's value), as Go's reader, and so umoci
-        // and containerd, read it.
-        let records: Vec<&Record> = pending
-            .pax
-            .iter()
-            .enumerate()
-            .filter(|(i, (key, value))| {
-                !value.is_empty()
-                    && !pending.pax[i + 1..]
-                        .iter()
-                        .any(|(k, v)| k == key && v.is_empty())
-            })
-            .map(|(_, record)| record)
-            .collect();
         for (key, value) in records {
             if let Some(name) = key.strip_prefix(XATTR_PREFIX) {
                 header.xattrs.push((name.to_vec(), value.clone()));
@@ -753,6 +734,25 @@ fn parse_pax(mut data: &[u8]) -> Result<Vec<Record>, &'static str> {
     Ok(out)
 }
 
+/// The records that count, in order. POSIX pax: a record with an empty value deletes its
+/// keyword (an xattr that is not there; a field back to the header's value), as Go's
+/// reader, and so umoci and containerd, read it. One pass from the end, so that a header
+/// of a million tiny records costs a million steps, not their square.
+fn effective_records(records: &[Record]) -> Vec<&Record> {
+    let mut deleted: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    let mut kept: Vec<&Record> = Vec::with_capacity(records.len());
+    for record in records.iter().rev() {
+        let (key, value) = record;
+        if value.is_empty() {
+            deleted.insert(key.as_slice());
+        } else if !deleted.contains(key.as_slice()) {
+            kept.push(record);
+        }
+    }
+    kept.reverse();
+    kept
+}
+
 /// A PAX time, `seconds[.fraction]`, possibly negative.
 fn parse_pax_time(text: &str) -> Option<(i64, u32)> {
     let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
@@ -844,6 +844,17 @@ mod tests {
             ])
         );
         assert!(parse_pax(b"99 path=x\n").is_err());
+        // An empty value deletes the keyword's earlier records, not later ones.
+        let rec = |k: &str, v: &str| (k.as_bytes().to_vec(), v.as_bytes().to_vec());
+        let all = [
+            rec("a", "1"),
+            rec("b", "2"),
+            rec("a", ""),
+            rec("a", "3"),
+            rec("c", ""),
+        ];
+        let kept: Vec<&Record> = effective_records(&all);
+        assert_eq!(kept, [&rec("b", "2"), &rec("a", "3")]);
         assert!(parse_pax(b"5 a\n").is_err());
     }
 

@@ -481,8 +481,11 @@ impl Inner {
         match result {
             Ok(()) => tracing::info!(task = %id, template = %task.template, "warmup ready"),
             Err(e) => {
-                tracing::warn!(task = %id, template = %task.template, error = %describe(&e), "warmup failed");
-                self.fail(id, &e.public_message()).await;
+                // What the client is told; an internal failure's detail is logged once,
+                // under the error id the message carries, by public_message itself.
+                let shown = e.public_message();
+                tracing::warn!(task = %id, template = %task.template, error = %shown, "warmup failed");
+                self.fail(id, &shown).await;
             }
         }
     }
